@@ -1,0 +1,47 @@
+# medclf-node: `make run` serves the node with the shipped default config and model;
+# `make test` installs everything the tests need (Debian tools too) and runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= deploy/medclf-node.toml
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: run test system-deps lint bench clean
+
+$(VENV)/.node-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) -e .
+	touch $@
+
+$(VENV)/.all-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[tf,train,test]'
+	touch $(VENV)/.node-installed $@
+
+run: $(VENV)/.node-installed
+	$(VENV)/bin/medclf-node serve --config $(CONFIG)
+
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+test: system-deps $(VENV)/.all-installed
+	$(VENV)/bin/ruff check medclf_node training tests benchmarks
+	$(VENV)/bin/mypy
+	$(PY) -m pytest
+
+bench: $(VENV)/.all-installed
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

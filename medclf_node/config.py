@@ -1,0 +1,319 @@
+"""The node's one configuration object, read from a TOML file and validated at start-up.
+
+Every option has a default and a one-line description (the README's configuration reference
+is generated from these descriptions: ``medclf-node config-check --print-defaults``).
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for an admin: which key, what is wrong, what to do."""
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value) or len(value) > 16:
+        raise ValueError(
+            "an AE title is 1-16 characters of printable ASCII without backslash, e.g. \"MEDCLF\""
+        )
+    return stripped
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = Field("MEDCLF", description="AE title this node answers to (called AE).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Loopback by default; use 0.0.0.0 to accept from the network.",
+    )
+    port: int = Field(11112, ge=0, le=65535, description="DICOM listening port (0 picks a free port).")
+    data_dir: Path = Field(Path("var"), description="Spool, SQLite index and outbox; relative to the config file.")
+    max_pdu: int = Field(
+        0, ge=0, description="Maximum PDU size we accept, in bytes; 0 means unlimited (fastest)."
+    )
+    require_called_ae_title: bool = Field(
+        True, description="Reject associations whose called AE title is not node.ae_title."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class PeerSection(_Section):
+    name: str = Field(description="Name used to refer to this peer elsewhere in the config.")
+    ae_title: AETitle = Field(description="The peer's AE title.")
+    host: str = Field(description="The peer's host name or address.")
+    port: int = Field(ge=1, le=65535, description="The peer's DICOM port.")
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v == "sender":
+            raise ValueError('a peer name is 1-64 of A-Z a-z 0-9 _ . - and may not be "sender"')
+        return v
+
+
+class AcceptSection(_Section):
+    calling_ae_titles: list[str] = Field(
+        default_factory=list,
+        description='Calling AE titles allowed to associate; ["*"] accepts any (explicit opt-in). '
+        "Empty means: the AE titles of all [[peers]].",
+    )
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _titles(cls, v: list[str]) -> list[str]:
+        if "*" in v:
+            if len(v) != 1:
+                raise ValueError('use either ["*"] alone or a list of AE titles, not both')
+            return v
+        return [_check_ae_title(t) for t in v]
+
+
+class CompletionSection(_Section):
+    on_release: bool = Field(
+        True, description="A series is complete when the association that sent it is released."
+    )
+    quiet_seconds: float = Field(
+        10.0, gt=0, description="...or when no instance of it arrived for this many seconds."
+    )
+    max_wait_seconds: float = Field(
+        600.0, gt=0, description="...or at the latest this long after its first instance arrived."
+    )
+    late_instances: Literal["reprocess", "ignore"] = Field(
+        "reprocess",
+        description="An instance arriving after its series completed is always stored; 'reprocess' "
+        "re-opens the series (results are re-sent with the same UIDs replaced by a new version), "
+        "'ignore' only records it.",
+    )
+
+
+class ResultsSection(_Section):
+    destinations: list[str] = Field(
+        default_factory=lambda: ["sender"],
+        description='Where SR and SC results go: peer names, or "sender" (the peer whose AE title sent the series).',
+    )
+    send_sr: bool = Field(True, description="Send a TID 1500 Comprehensive 3D SR.")
+    send_sc: bool = Field(True, description="Send a Secondary Capture key image.")
+    institution_name: str | None = Field(None, description="Put into the result objects' InstitutionName.")
+
+
+class DispatchSection(_Section):
+    max_attempts: int = Field(8, ge=1, description="Send attempts per object before it is dead-lettered.")
+    initial_backoff_seconds: float = Field(2.0, gt=0, description="Delay before the first retry.")
+    max_backoff_seconds: float = Field(300.0, gt=0, description="Upper bound of the exponential backoff.")
+    timeout_seconds: float = Field(30.0, gt=0, description="Network timeout of one send.")
+
+
+class VolumeSection(_Section):
+    uneven_spacing: Literal["resample", "refuse"] = Field(
+        "resample", description="Slices unevenly spaced or with gaps: resample onto a regular grid, or refuse."
+    )
+    spacing_tolerance: float = Field(
+        0.1, gt=0, description="Relative deviation of a slice gap from the median before it counts as uneven."
+    )
+    max_gap_slices: float = Field(
+        3.0, gt=1, description="A gap wider than this many median spacings is refused even when resampling."
+    )
+    gantry_tilt: Literal["resample", "refuse"] = Field(
+        "resample", description="Gantry-tilted (sheared) series: resample onto an orthogonal grid, or refuse."
+    )
+    min_slices: int = Field(1, ge=1, description="Fewer slices than this: refuse.")
+
+
+class RuleSection(_Section):
+    """One series selection rule. All given criteria must match; omitted criteria match anything."""
+
+    name: str = Field(description="Rule name, shown in logs and `jobs`.")
+    models: list[str] = Field(description="Names of the models (manifest `name`) to run on matching series.")
+    modality: list[str] = Field(default_factory=lambda: ["CT"], description="Allowed Modality values.")
+    sop_class_uids: list[str] = Field(
+        default_factory=list, description="Allowed SOP Class UIDs (empty: any image storage class)."
+    )
+    image_type_includes: list[str] = Field(
+        default_factory=list, description="ImageType values that must all be present, e.g. [\"AXIAL\"]."
+    )
+    image_type_excludes: list[str] = Field(
+        default_factory=lambda: ["LOCALIZER"],
+        description="Instances whose ImageType contains any of these are dropped from the series.",
+    )
+    slice_thickness_mm: tuple[float, float] | None = Field(
+        None, description="Allowed [min, max] SliceThickness in mm."
+    )
+    min_slices: int = Field(1, ge=1, description="Minimum number of (kept) slices.")
+    body_part_examined: list[str] = Field(
+        default_factory=list, description="Allowed BodyPartExamined values (empty: any, case-insensitive)."
+    )
+    series_description_regex: str | None = Field(
+        None, description="Python regex searched in SeriesDescription (case-insensitive)."
+    )
+
+    @field_validator("series_description_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+    @field_validator("slice_thickness_mm")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 <= v[0] <= v[1]):
+            raise ValueError("give [min, max] with 0 <= min <= max")
+        return v
+
+
+class ModelsSection(_Section):
+    directory: Path = Field(
+        DEFAULT_MODELS_DIR, description="Directory holding one sub-directory per model with manifest.json."
+    )
+    enabled: list[str] = Field(
+        default_factory=list, description="Model names to load; empty: every model the rules name."
+    )
+    default_model: str = Field(
+        "nodule-2p5d-int8", description="Model used by the built-in rule when [[rules]] is absent."
+    )
+    threads: int = Field(2, ge=1, description="CPU threads per inference (LiteRT XNNPACK / TensorFlow).")
+
+
+class PipelineSection(_Section):
+    workers: int = Field(1, ge=1, description="Series processed in parallel.")
+    poll_seconds: float = Field(0.5, gt=0, description="How often workers look for completed series.")
+
+
+class Config(_Section):
+    """The whole node configuration."""
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    peers: list[PeerSection] = Field(default_factory=list)
+    accept: AcceptSection = Field(default_factory=AcceptSection)
+    completion: CompletionSection = Field(default_factory=CompletionSection)
+    results: ResultsSection = Field(default_factory=ResultsSection)
+    dispatch: DispatchSection = Field(default_factory=DispatchSection)
+    volume: VolumeSection = Field(default_factory=VolumeSection)
+    rules: list[RuleSection] = Field(default_factory=list)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [p.name for p in self.peers]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"peers: peer names must be unique, repeated: {sorted(dupes)}")
+        for i, dest in enumerate(self.results.destinations):
+            if dest != "sender" and dest not in names:
+                raise ValueError(
+                    f"results.destinations[{i}]: {dest!r} is not a peer name; add a [[peers]] entry "
+                    f'named {dest!r} or use "sender" (known peers: {names})'
+                )
+        rule_names = [r.name for r in self.rules]
+        if len(set(rule_names)) != len(rule_names):
+            raise ValueError("rules: rule names must be unique")
+        return self
+
+    # --- derived views -------------------------------------------------------------------
+    def peer(self, name: str) -> PeerSection:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def peer_by_ae_title(self, ae_title: str) -> PeerSection | None:
+        for p in self.peers:
+            if p.ae_title == ae_title.strip():
+                return p
+        return None
+
+    def allowed_calling_ae_titles(self) -> set[str] | None:
+        """The allowed calling AE titles, or None when any is accepted."""
+        if self.accept.calling_ae_titles == ["*"]:
+            return None
+        if self.accept.calling_ae_titles:
+            return set(self.accept.calling_ae_titles)
+        return {p.ae_title for p in self.peers}
+
+    def effective_rules(self) -> list[RuleSection]:
+        """The configured rules, or the built-in one: CT axial originals -> the default model."""
+        if self.rules:
+            return list(self.rules)
+        return [
+            RuleSection(
+                name="default-ct",
+                models=[self.models.default_model],
+                modality=["CT"],
+                image_type_excludes=["LOCALIZER"],
+                min_slices=1,
+            )
+        ]
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against the configuration reference in README.md"
+        elif err["type"] == "missing":
+            msg = "required key is missing; add it"
+        lines.append(f"  - {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, object], *, base_dir: Path | None = None, source: str = "config") -> Config:
+    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    if base_dir is not None:
+        node = cfg.node
+        models = cfg.models
+        if not node.data_dir.is_absolute():
+            node = node.model_copy(update={"data_dir": (base_dir / node.data_dir).resolve()})
+        if not models.directory.is_absolute():
+            models = models.model_copy(update={"directory": (base_dir / models.directory).resolve()})
+        cfg = cfg.model_copy(update={"node": node, "models": models})
+    return cfg
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate a TOML config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return parse_config({}, base_dir=Path.cwd(), source="defaults")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=p.resolve().parent, source=str(p))

@@ -1,0 +1,77 @@
+"""Plain data passed between the node's layers.
+
+``ingest``, ``inference`` and ``reporting`` do not import each other; they exchange
+these frozen dataclasses, numpy arrays and pydicom Datasets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (value, coding scheme designator, meaning), e.g. SCT 427359005."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Reference to the source image that one slice of a volume came from (SR evidence)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None  # 1-based, for multi-frame sources
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units.
+
+    ``array`` is float32 indexed (slice, row, column); slices are sorted along the slice
+    normal.  ``affine`` is a 4x4 matrix mapping (slice, row, column, 1) voxel indices to
+    patient LPS millimetres, the same convention as ``highdicom.Volume``.
+    ``spacing`` is (slice, row, column) in millimetres.
+    ``slice_refs[k]`` names the source image of slice ``k`` (after any resampling, the
+    nearest source slice).
+    """
+
+    array: npt.NDArray[np.float32]
+    spacing: tuple[float, float, float]
+    affine: npt.NDArray[np.float64]
+    slice_refs: tuple[SliceRef, ...]
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str | None = None
+    notes: tuple[str, ...] = field(default=())  # e.g. "resampled uneven spacing onto 1.25 mm grid"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.array.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """What one model concluded about one series; everything reporting needs.
+
+    ``slice_scores`` holds a per-slice probability for 2D models (None for 3D models).
+    ``heatmap`` is a float32 map in [0, 1] with the shape of the key slice (rows, columns).
+    """
+
+    model_name: str
+    model_version: str
+    finding: Code  # e.g. SCT "Pulmonary nodule"
+    probability: float
+    threshold: float
+    positive: bool
+    key_slice_index: int
+    slice_scores: npt.NDArray[np.float32] | None = None
+    heatmap: npt.NDArray[np.float32] | None = None
+    inference_seconds: float = 0.0

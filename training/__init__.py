@@ -1,0 +1,1 @@
+"""Training package: data, models, evaluation and export for medclf-node models."""

@@ -1,0 +1,1 @@
+"""Training data: readers, synthetic phantoms, TFRecords, splits, tf.data pipelines."""
