@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from medclf_node import __version__
+
 
 @dataclass(frozen=True)
 class Code:
@@ -75,3 +77,14 @@ class ModelResult:
     slice_scores: npt.NDArray[np.float32] | None = None
     heatmap: npt.NDArray[np.float32] | None = None
     inference_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who wrote a result object: the node as device observer and equipment of SR/SC."""
+
+    ae_title: str
+    device_name: str
+    manufacturer: str = "medclf-node"
+    software_version: str = __version__
+    institution_name: str | None = None
