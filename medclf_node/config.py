@@ -51,6 +51,11 @@ class NodeSection(_Section):
     max_pdu: int = Field(
         0, ge=0, description="Maximum PDU size we accept, in bytes; 0 means unlimited (fastest)."
     )
+    durable_writes: bool = Field(
+        True,
+        description="fsync every received instance (file, directory, index) before answering Success; "
+        "false is faster and survives a crash of the node process, but not a power loss.",
+    )
     require_called_ae_title: bool = Field(
         True, description="Reject associations whose called AE title is not node.ae_title."
     )
@@ -206,6 +211,43 @@ class PipelineSection(_Section):
     poll_seconds: float = Field(0.5, gt=0, description="How often workers look for completed series.")
 
 
+class MetricsSection(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus /metrics plus /healthz and /readyz over HTTP.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address of the metrics/health HTTP server. Loopback by default; 0.0.0.0 for a scraper "
+        "or probe on another host (e.g. in a container).",
+    )
+    port: int = Field(
+        9108, ge=0, le=65535, description="Port of the metrics/health HTTP server (0 picks a free port)."
+    )
+
+
+class AuditSection(_Section):
+    enabled: bool = Field(
+        True, description="Append an audit trail (JSON lines; UIDs and AE titles, never patient names or IDs)."
+    )
+    path: Path = Field(Path("audit.jsonl"), description="Audit log file; relative to node.data_dir.")
+    fsync: bool = Field(
+        True,
+        description="fsync after every audit line (survives power loss; ~8 ms per line, and lines are written "
+        "per association and per series, never per instance).",
+    )
+
+
+class RetentionSection(_Section):
+    spool_days: float = Field(
+        7.0, gt=0, description="Received instances of finished series are deleted after this many days."
+    )
+    delete_after_sent: bool = Field(
+        True, description="Delete a series' received instances as soon as all its results were sent."
+    )
+    min_free_disk_mb: int = Field(
+        1024, ge=0, description="Below this much free space in node.data_dir, new C-STOREs get 0xA700 "
+        "(out of resources) instead of filling the disk; 0 disables the check.",
+    )
+
+
 class Config(_Section):
     """The whole node configuration."""
 
@@ -219,6 +261,9 @@ class Config(_Section):
     rules: list[RuleSection] = Field(default_factory=list)
     models: ModelsSection = Field(default_factory=ModelsSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -249,6 +294,10 @@ class Config(_Section):
             if p.ae_title == ae_title.strip():
                 return p
         return None
+
+    def audit_path(self) -> Path:
+        """The audit log file: ``audit.path`` resolved against ``node.data_dir``."""
+        return self.audit.path if self.audit.path.is_absolute() else self.node.data_dir / self.audit.path
 
     def allowed_calling_ae_titles(self) -> set[str] | None:
         """The allowed calling AE titles, or None when any is accepted."""
