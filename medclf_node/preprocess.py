@@ -6,9 +6,17 @@ manifest, so a model is always fed exactly the pixels it was trained on.
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
 
 
 class Window(BaseModel):
@@ -58,3 +66,199 @@ class PreprocessSpec(BaseModel):
         if self.mode == "2.5d":
             return (2 * self.context_slices + 1) * len(self.windows)
         return len(self.windows)
+
+
+# --------------------------------------------------------------------------------------------
+# Functions.  Everything below works on (z, y, x) float32 HU arrays and is vectorised: the
+# maths never loops over slices in Python.  Resampling is "origin-aligned": output voxel 0
+# sits on input voxel 0 and output voxel i on input coordinate i * target / source, so a
+# volume's affine origin is unchanged by resampling.
+# --------------------------------------------------------------------------------------------
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def apply_windows(hu: npt.NDArray[np.floating[Any]], windows: Sequence[Window]) -> FloatArray:
+    """Map HU to [0, 1] through each window; the windows become a new trailing channel axis."""
+    if not windows:
+        raise ValueError("at least one window is needed")
+    lo = np.array([w.center - w.width / 2.0 for w in windows], dtype=np.float32)
+    inv = np.array([1.0 / w.width for w in windows], dtype=np.float32)
+    out = np.asarray(hu, dtype=np.float32)[..., None] - lo
+    out *= inv
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def output_length(n_in: int, s_in: float, s_out: float) -> int:
+    """Samples along an axis of ``n_in`` voxels at ``s_in`` mm after resampling to ``s_out`` mm.
+
+    ``n_in * s_in / s_out`` rounded half-up (at least 1), so the physical extent is kept.
+    """
+    return max(1, math.floor(n_in * s_in / s_out + 0.5))
+
+
+def _axis_positions(n_in: int, s_in: float, s_out: float) -> npt.NDArray[np.float64]:
+    """Input coordinates (origin-aligned) of the output samples along one axis."""
+    n_out = output_length(n_in, s_in, s_out)
+    pos = np.arange(n_out, dtype=np.float64) * (s_out / s_in)
+    return np.minimum(pos, n_in - 1)  # the last sample may fall just past the end: replicate the edge
+
+
+def _resample_axis_linear(arr: FloatArray, axis: int, pos: npt.NDArray[np.float64]) -> FloatArray:
+    """Separable linear interpolation of ``arr`` along ``axis`` at fractional positions ``pos``."""
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, arr.shape[axis] - 1)
+    w = (pos - i0).astype(np.float32)
+    shape = [1] * arr.ndim
+    shape[axis] = -1
+    w = w.reshape(shape)
+    a0 = np.take(arr, i0, axis=axis)
+    a1 = np.take(arr, i1, axis=axis)
+    a1 -= a0
+    a1 *= w
+    a0 += a1
+    return a0
+
+
+def resample(
+    hu: npt.NDArray[np.floating[Any]],
+    spacing: Sequence[float],
+    target_spacing: Sequence[float | None],
+    order: int = 1,
+) -> FloatArray:
+    """Resample a volume to ``target_spacing`` (same axis order as ``spacing``; None keeps an axis).
+
+    Output length per axis is ``round(n * spacing / target)`` (at least 1).  ``order`` 0 is
+    nearest neighbour, 1 separable linear (the default, fast), higher orders use scipy splines.
+    Axes whose spacing already matches are not touched.
+    """
+    arr = np.asarray(hu, dtype=np.float32)
+    if len(spacing) != arr.ndim or len(target_spacing) != arr.ndim:
+        raise ValueError(f"spacing/target_spacing need {arr.ndim} entries, got {spacing}, {target_spacing}")
+    axes: list[tuple[int, npt.NDArray[np.float64]]] = []
+    for ax, (s, t) in enumerate(zip(spacing, target_spacing, strict=True)):
+        if t is None or math.isclose(s, t, rel_tol=1e-6):
+            continue
+        if s <= 0 or t <= 0:
+            raise ValueError(f"spacings must be positive, got {s} -> {t}")
+        axes.append((ax, _axis_positions(arr.shape[ax], float(s), float(t))))
+    if not axes:
+        return arr
+    if order == 0:
+        for ax, pos in axes:
+            arr = np.take(arr, np.rint(pos).astype(np.intp), axis=ax)
+        return arr
+    if order == 1:
+        for ax, pos in axes:
+            arr = _resample_axis_linear(arr, ax, pos)
+        return arr
+    # Higher orders: one spline pass over the full grid.
+    grids = [np.arange(n, dtype=np.float64) for n in arr.shape]
+    for ax, pos in axes:
+        grids[ax] = pos
+    coords = np.meshgrid(*grids, indexing="ij", sparse=False)
+    out = ndimage.map_coordinates(arr, coords, order=order, mode="nearest")
+    return np.asarray(out, dtype=np.float32)
+
+
+def crop_or_pad(arr: npt.NDArray[Any], shape: Sequence[int], pad_value: float) -> npt.NDArray[Any]:
+    """Centre-crop or pad the leading ``len(shape)`` axes of ``arr`` to ``shape``.
+
+    Trailing axes (e.g. channels) are kept.  When the difference is odd the extra voxel is
+    cropped from / padded at the end.
+    """
+    if len(shape) > arr.ndim:
+        raise ValueError(f"shape {tuple(shape)} has more axes than the array {arr.shape}")
+    src: list[slice] = []
+    dst: list[slice] = []
+    for n, want in zip(arr.shape, shape, strict=False):
+        if n >= want:
+            start = (n - want) // 2
+            src.append(slice(start, start + want))
+            dst.append(slice(0, want))
+        else:
+            start = (want - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    if all(n == w for n, w in zip(arr.shape, shape, strict=False)):
+        return arr
+    out_shape = tuple(shape) + arr.shape[len(shape):]
+    out = np.full(out_shape, pad_value, dtype=arr.dtype)
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def _normalize(windowed: FloatArray, normalization: str, sample_axes: int) -> FloatArray:
+    """Apply the spec's normalisation; ``zscore`` is per sample (the leading ``sample_axes``)."""
+    if normalization == "window01":
+        return windowed
+    if normalization == "zscore":
+        axes = tuple(range(sample_axes, windowed.ndim))
+        mean = windowed.mean(axis=axes, keepdims=True, dtype=np.float64).astype(np.float32)
+        std = windowed.std(axis=axes, keepdims=True, dtype=np.float64).astype(np.float32)
+        std[std < 1e-6] = 1.0  # a constant sample (e.g. all air) maps to zeros, never NaN
+        windowed -= mean
+        windowed /= std
+        return windowed
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
+def slices_2d(
+    hu: npt.NDArray[np.floating[Any]],
+    spacing: Sequence[float],
+    spec: PreprocessSpec,
+    indices: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+) -> FloatArray:
+    """Model inputs for the 2D and 2.5D modes: (n, rows, cols, channels) float32.
+
+    Input ``k`` belongs to slice ``k`` (or to ``indices[k]`` when given, which lets a caller
+    work in batches without building every input at once).  In-plane the volume is resampled
+    to ``spec.target_spacing[1:]`` and centre-cropped/padded to ``spec.input_shape``.  For
+    2.5D the neighbours ``k-c .. k+c`` are stacked slice-major (for each slice, each window),
+    replicating the first/last slice at the ends.  With ``spec.resample_z`` the volume is also
+    resampled along z first, and ``k`` then indexes the resampled slices.
+    """
+    if spec.mode not in ("2d", "2.5d"):
+        raise ValueError(f"slices_2d needs a 2d/2.5d spec, got mode {spec.mode!r}")
+    arr = np.asarray(hu, dtype=np.float32)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {arr.shape}")
+    if spec.target_spacing is not None and spec.resample_z:
+        arr = resample(arr, spacing, spec.target_spacing)
+    n_slices = arr.shape[0]
+    idx = np.arange(n_slices) if indices is None else np.asarray(indices, dtype=np.intp)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_slices):
+        raise IndexError(f"slice indices must lie in [0, {n_slices}), got {idx.min()}..{idx.max()}")
+    c = spec.context_slices if spec.mode == "2.5d" else 0
+    # Only the slices that are needed (with their neighbours) are resampled in-plane,
+    # cropped and windowed, once each; then the neighbourhoods are gathered.
+    neighbours = np.clip(idx[:, None] + np.arange(-c, c + 1)[None, :], 0, n_slices - 1)
+    need = np.unique(neighbours)
+    sub = arr if need.size == n_slices else arr[need]
+    if spec.target_spacing is not None and not spec.resample_z:
+        sub = resample(sub, spacing, (None, spec.target_spacing[1], spec.target_spacing[2]))
+    sub = crop_or_pad(sub, (sub.shape[0], *spec.input_shape), spec.pad_value_hu)
+    windowed = apply_windows(sub, spec.windows)  # (m, rows, cols, W)
+    lookup = np.searchsorted(need, neighbours)
+    stacked = windowed[lookup]  # (n, 2c+1, rows, cols, W)
+    n = idx.size
+    rows, cols = spec.input_shape
+    out = np.ascontiguousarray(np.moveaxis(stacked, 1, 3)).reshape(n, rows, cols, spec.channels)
+    return _normalize(out, spec.normalization, sample_axes=1)
+
+
+def volume_3d(
+    hu: npt.NDArray[np.floating[Any]], spacing: Sequence[float], spec: PreprocessSpec
+) -> FloatArray:
+    """Model input for the 3D mode: (z, y, x, channels) float32 of exactly ``spec.input_shape``."""
+    if spec.mode != "3d":
+        raise ValueError(f"volume_3d needs a 3d spec, got mode {spec.mode!r}")
+    arr = np.asarray(hu, dtype=np.float32)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {arr.shape}")
+    if spec.target_spacing is not None:
+        arr = resample(arr, spacing, spec.target_spacing)
+    arr = crop_or_pad(arr, spec.input_shape, spec.pad_value_hu)
+    out = apply_windows(arr, spec.windows)
+    return _normalize(out[None], spec.normalization, sample_axes=1)[0]
