@@ -1,5 +1,6 @@
 # medclf-node: `make run` serves the node with the shipped default config and model;
-# `make test` installs everything the tests need (Debian tools too) and runs the suite.
+# `make test` installs everything the tests need (Debian tools too) and runs the suite
+# inside a loopback-only network namespace (tools/netns-loopback).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,6 +8,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= deploy/medclf-node.toml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PIP_FLAGS ?= -q --disable-pip-version-check
+PYTEST_ARGS ?=
 
 .PHONY: run test system-deps lint bench clean
 
@@ -35,10 +37,12 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
+# pytest runs in a loopback-only network namespace (Orthanc binds all interfaces; installs stay
+# outside it); MEDCLF_REQUIRE_ORTHANC=1 makes the Orthanc round trip fail rather than skip.
 test: system-deps $(VENV)/.all-installed
 	$(VENV)/bin/ruff check medclf_node training tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	MEDCLF_REQUIRE_ORTHANC=1 tools/netns-loopback $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.all-installed
 	$(PY) benchmarks/ingest.py
