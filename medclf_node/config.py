@@ -69,6 +69,7 @@ class PeerSection(_Section):
     ae_title: AETitle = Field(description="The peer's AE title.")
     host: str = Field(description="The peer's host name or address.")
     port: int = Field(ge=1, le=65535, description="The peer's DICOM port.")
+    tls: bool = Field(False, description="Associate with this peer over TLS (certificates from [tls]).")
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
@@ -207,6 +208,11 @@ class ModelsSection(_Section):
 
 
 class PipelineSection(_Section):
+    enabled: bool = Field(
+        True,
+        description="Run models on completed series. false = store only: series wait in state 'complete' "
+        "and are processed once the pipeline is enabled again (no model needs to be installed).",
+    )
     workers: int = Field(1, ge=1, description="Series processed in parallel.")
     poll_seconds: float = Field(0.5, gt=0, description="How often workers look for completed series.")
 
@@ -248,6 +254,57 @@ class RetentionSection(_Section):
     )
 
 
+class LimitsSection(_Section):
+    """Resource limits, so that no peer (broken or hostile) can exhaust the node."""
+
+    max_associations: int = Field(
+        32, ge=1, description="Concurrent associations; one more is rejected at A-ASSOCIATE with "
+        "'local limit exceeded' (transient, the sender may retry later).",
+    )
+    idle_timeout_seconds: float = Field(
+        60.0, gt=0, description="An association that sends nothing for this long is aborted (A-ABORT); "
+        "also the time a peer gets to answer an A-ASSOCIATE or a DIMSE message.",
+    )
+    max_instance_bytes: int = Field(
+        1 << 30, ge=1, description="Largest encoded instance accepted; larger ones get C-STORE status "
+        "0xA700 (refused: out of resources) and are not stored.",
+    )
+    max_instances_per_series: int = Field(
+        10000, ge=1, description="Instances stored per series; further new instances get 0xA700.",
+    )
+    max_frame_pixels: int = Field(
+        4096 * 4096, ge=1, description="Rows x Columns of one frame. Checked from the header before any "
+        "decoding: at intake (0xA700) and again before the volume is assembled (series refused, 'too_large').",
+    )
+    max_series_voxels: int = Field(
+        1 << 30, ge=1, description="Rows x Columns x frames of one instance (intake) and of a whole series "
+        "(volume stage); a float32 volume takes 4 bytes per voxel.",
+    )
+
+
+class TlsSection(_Section):
+    """DICOM TLS (PS3.15 B.1) for the listener and for outgoing associations to peers with ``tls = true``."""
+
+    enabled: bool = Field(False, description="Listen with TLS instead of plain TCP.")
+    cert: Path | None = Field(None, description="PEM certificate (chain) of this node; relative to the config file.")
+    key: Path | None = Field(None, description="PEM private key of ``cert``; relative to the config file.")
+    ca: Path | None = Field(
+        None, description="PEM CA bundle: checks client certificates (listener) and peer certificates (SCU).",
+    )
+    require_client_cert: bool = Field(
+        False, description="Mutual TLS: refuse clients without a certificate signed by ``ca``.",
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field("TLSv1.2", description="Lowest TLS version accepted.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSection:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("tls.enabled needs tls.cert and tls.key (PEM files)")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("tls.require_client_cert needs tls.ca (the CA that signs client certificates)")
+        return self
+
+
 class Config(_Section):
     """The whole node configuration."""
 
@@ -264,6 +321,8 @@ class Config(_Section):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     audit: AuditSection = Field(default_factory=AuditSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -349,6 +408,13 @@ def parse_config(data: dict[str, object], *, base_dir: Path | None = None, sourc
         if not models.directory.is_absolute():
             models = models.model_copy(update={"directory": (base_dir / models.directory).resolve()})
         cfg = cfg.model_copy(update={"node": node, "models": models})
+        tls_paths = {
+            k: (base_dir / v).resolve()
+            for k, v in (("cert", cfg.tls.cert), ("key", cfg.tls.key), ("ca", cfg.tls.ca))
+            if v is not None and not v.is_absolute()
+        }
+        if tls_paths:
+            cfg = cfg.model_copy(update={"tls": cfg.tls.model_copy(update=tls_paths)})
     return cfg
 
 

@@ -1,0 +1,205 @@
+"""Ingest throughput: medclf-node vs DCMTK storescp receiving the same 300-slice 512x512 CT series.
+
+Both receivers get the same series from DCMTK storescu (TCP_NODELAY=1 for DCMTK), once
+from a single sender and once split over four concurrent senders.  Prints instances/s
+for each and the ratio node/storescp.  The node runs with its normal durable writes
+(write, fsync, rename, fsync dir, index commit) unless ``--no-fsync`` is given; storescp
+never fsyncs.
+
+Everything runs inside a private network namespace (``unshare --net``, loopback only)
+when possible, so storescp, which binds all interfaces, is never reachable from outside.
+
+    .venv/bin/python benchmarks/ingest.py [--slices 300] [--repeat 1] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+NETNS_FLAG = "--inside-netns"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def send(port: int, called: str, parts: list[list[Path]]) -> float:
+    """Run one storescu per part concurrently; returns wall seconds until all finished."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "SCANNER", "-aec", called, "127.0.0.1", str(port), *map(str, part)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for part in parts
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    dt = time.perf_counter() - t0
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-1000:]}")
+    return dt
+
+
+def split(files: list[Path], n: int) -> list[list[Path]]:
+    return [files[i::n] for i in range(n)]
+
+
+def run_storescp(work: Path, files: list[Path], senders: int) -> float:
+    out = work / f"storescp-{senders}"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        dt = send(port, "STORESCP", split(files, senders))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    n = len(list(out.iterdir()))
+    if n != len(files):
+        raise RuntimeError(f"storescp stored {n} of {len(files)} files")
+    return dt
+
+
+def run_node(work: Path, files: list[Path], senders: int, fsync: bool) -> float:
+    data = work / f"node-{senders}-{'fsync' if fsync else 'nofsync'}"
+    cfg = work / f"{data.name}.toml"
+    cfg.write_text(
+        f'[node]\nae_title = "MEDCLF"\nport = 0\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
+        f"durable_writes = {'true' if fsync else 'false'}\n"
+        '[accept]\ncalling_ae_titles = ["SCANNER"]\n[completion]\nquiet_seconds = 60\n'
+        "[pipeline]\nenabled = false\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medclf_node.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        port_file = data / "node.port"
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        dt = send(port, "MEDCLF", split(files, senders))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    import sqlite3
+
+    with sqlite3.connect(data / "index.sqlite") as c:
+        n = c.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    if n != len(files):
+        raise RuntimeError(f"node indexed {n} of {len(files)} instances")
+    return dt
+
+
+def durable_write_ms(work: Path, size: int, n: int = 20) -> float:
+    """Mean cost of one durable write (tmp write, fsync, rename, fsync dir) on the work disk.
+
+    A single sender waits for each C-STORE response, so this is a floor on the node's
+    per-instance latency with durable writes; storescp does not fsync at all.
+    """
+    from medclf_node.ingest.spool import write_atomic
+
+    d = work / "fsync-probe"
+    d.mkdir()
+    data = os.urandom(size)
+    t0 = time.perf_counter()
+    for i in range(n):
+        write_atomic(d / f"{i}.dcm", data)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def enter_netns() -> bool:
+    """Re-run this script inside a private network namespace with loopback up (needs root)."""
+    if NETNS_FLAG in sys.argv:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        sys.argv.remove(NETNS_FLAG)
+        return True
+    if shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
+        os.execvp("unshare", ["unshare", "--net", sys.executable, *sys.argv, NETNS_FLAG])
+    print("note: cannot create a network namespace; storescp binds all interfaces during the run")
+    return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N runs per configuration")
+    ap.add_argument("--no-fsync", action="store_true", help="also measure the node with durable_writes=false")
+    ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: temporary)")
+    in_ns = enter_netns()
+    args = ap.parse_args()
+    from intake_series import write_ct_series
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="medclf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        files = write_ct_series(work / "series", args.slices, args.size, args.size, seed=42)
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"series: {len(files)} instances, {args.size}x{args.size}, {mb:.0f} MB; "
+              f"network namespace: {'private' if in_ns else 'host loopback'}")
+        ms = durable_write_ms(work, files[0].stat().st_size)
+        print(f"durable write of one instance on this disk: {ms:.1f} ms "
+              f"(single-sender ceiling with fsync ~{1000 / ms:.0f} inst/s before any network work)")
+        modes = [True, False] if args.no_fsync else [True]
+        for senders in (1, 4):
+            ref = min(run_storescp(_fresh(work / f"scp-{senders}-{i}"), files, senders) for i in range(args.repeat))
+            ref_rate = len(files) / ref
+            print(f"{senders} sender(s): storescp        {ref_rate:7.1f} inst/s ({ref:.2f} s)")
+            for fsync in modes:
+                dt = min(
+                    run_node(_fresh(work / f"node-{senders}-{fsync}-{i}"), files, senders, fsync)
+                    for i in range(args.repeat)
+                )
+                rate = len(files) / dt
+                label = "node (fsync)   " if fsync else "node (no fsync)"
+                print(f"{senders} sender(s): {label} {rate:7.1f} inst/s ({dt:.2f} s)  "
+                      f"ratio node/storescp = {rate / ref_rate:.2f}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _fresh(p: Path) -> Path:
+    p.mkdir(parents=True)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

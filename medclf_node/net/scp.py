@@ -1,0 +1,272 @@
+"""The node's DICOM listener: C-ECHO and C-STORE SCP on pynetdicom.
+
+The C-STORE handler is deliberately thin: it takes the bytes exactly as the peer encoded
+them (``event.encoded_dataset()``, never decoded or transcoded), hands them to the spool
+(durable write + index) and answers with the spool's status.  Nothing slow runs here.
+
+Associations are vetted at A-ASSOCIATE (``EVT_REQUESTED``): an unknown calling AE title
+is rejected with "calling AE title not recognised" (result 1, source 1, reason 3), a
+wrong called AE title with "called AE title not recognised" (reason 7).
+
+Every accepted connection gets TCP_NODELAY; without it, P-DATA exchanges on loopback
+stall on Nagle's algorithm + delayed ACKs.
+
+Association lifecycle is reported to an :class:`AssociationListener` (the completion
+tracker): a clean A-RELEASE counts as "the sender is done", an abort does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Any, Protocol, cast
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from medclf_node.config import Config
+from medclf_node.ingest.spool import STATUS_UNEXPECTED, Spool, StoreError
+
+log = logging.getLogger(__name__)
+
+# Preferred first: an acceptor picks the first of ours the requestor offers.
+TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+
+class AssociationListener(Protocol):
+    """Who wants to know about instances and association ends (the completion tracker)."""
+
+    def instance_received(self, assoc_id: str, series_uid: str) -> None: ...
+
+    def association_released(self, assoc_id: str) -> None: ...
+
+    def association_aborted(self, assoc_id: str) -> None: ...
+
+
+class NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Without a timeout, a peer that stops in the middle of a PDU blocks the association's
+        # reactor in recv() for ever (pynetdicom's idle abort cannot get through): slowloris.
+        client.settimeout(self.ae.network_timeout)
+        return client, address
+
+
+def _guard_dimse(assoc: Any, assoc_id: str) -> None:
+    """A-ABORT an association whose DIMSE message cannot be decoded.
+
+    pynetdicom 3.0 lets a malformed command set (e.g. no Command Field) raise inside its
+    DUL reactor thread: the reactor dies and the peer sees the connection drop without an
+    answer.  Wrapping the per-association DIMSE entry point turns that into an A-ABORT.
+    """
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def guarded(primitive: Any) -> None:
+        try:
+            receive(primitive)
+        except Exception as exc:  # noqa: BLE001 - hostile input must not kill the reactor
+            log.warning("association %s: malformed DIMSE message (%s), aborting", assoc_id, type(exc).__name__)
+            assoc.abort(block=False)
+
+    dimse.receive_primitive = guarded
+
+
+class StoreSCP:
+    """C-ECHO + C-STORE listener bound to ``node.host:node.port``.
+
+    ``start()`` binds and serves in a background thread; :attr:`port` is the bound port
+    (useful when the config says 0).  ``stop()`` closes the listener and aborts any
+    association still open.
+    """
+
+    def __init__(self, cfg: Config, spool: Spool, listener: AssociationListener | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.listener = listener
+        self.allowed_calling = cfg.allowed_calling_ae_titles()
+        self._server: NoDelayServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ids: dict[int, str] = {}
+        self._ids_lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._boot = f"{int(time.time()):x}"
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        # pynetdicom's "standard" handlers decode and format every PDU/DIMSE message for its
+        # debug log even when nothing is logged: ~25% of the intake's CPU.  Our own handlers log.
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae.maximum_pdu_size = self.cfg.node.max_pdu
+        limits = self.cfg.limits
+        # More than maximum_associations: A-ASSOCIATE-RJ (2, 3, 2) "local limit exceeded", transient.
+        ae.maximum_associations = limits.max_associations
+        # Silent peers (idle association, connection without A-ASSOCIATE-RQ) are aborted after this.
+        ae.network_timeout = limits.idle_timeout_seconds
+        ae.acse_timeout = limits.idle_timeout_seconds
+        ae.dimse_timeout = limits.idle_timeout_seconds
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        if self.allowed_calling is not None and not self.allowed_calling:
+            log.warning("no calling AE title is allowed ([accept] empty and no [[peers]]): "
+                        "every association will be rejected")
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_aborted),  # connection lost without release/abort
+        ]
+        server = cast(NoDelayServer, self.ae.make_server(
+            (self.cfg.node.host, self.cfg.node.port), evt_handlers=handlers, server_class=NoDelayServer
+        ))
+        self._server = server
+        self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+        self._thread = threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True)
+        self._thread.start()
+        return self.port
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        for assoc in list(self._server.active_associations):
+            assoc.abort()
+        self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+
+    # --- handlers (run in pynetdicom's association threads) ---------------------------
+    def _assoc_id(self, assoc: Any) -> str:
+        key = id(assoc)
+        with self._ids_lock:
+            aid = self._ids.get(key)
+            if aid is None:
+                aid = f"{self._boot}-{next(self._counter)}"
+                self._ids[key] = aid
+            return aid
+
+    def _forget(self, assoc: Any) -> str | None:
+        with self._ids_lock:
+            return self._ids.pop(id(assoc), None)
+
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        if rq is None:
+            return
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        reason: tuple[int, int, int] | None = None
+        if self.allowed_calling is not None and calling not in self.allowed_calling:
+            reason = REJECT_CALLING_AE
+            log.warning("rejected association from %s: calling AE title %r is not allowed",
+                        assoc.requestor.address, calling)
+        elif self.cfg.node.require_called_ae_title and called != self.cfg.node.ae_title:
+            reason = REJECT_CALLED_AE
+            log.warning("rejected association from %s (%r): called AE title %r is not %r",
+                        assoc.requestor.address, calling, called, self.cfg.node.ae_title)
+        if reason is not None:
+            assoc.acse.send_reject(*reason)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def _on_established(self, event: Event) -> None:
+        # pynetdicom's DUL reactor sleeps 1 ms whenever a poll finds nothing; on a busy
+        # association that sleep dominates, so poll tighter.
+        event.assoc.dul._run_loop_delay = 0.0001
+        log.debug("association %s established with %r", self._assoc_id(event.assoc),
+                  event.assoc.requestor.ae_title)
+        _guard_dimse(event.assoc, self._assoc_id(event.assoc))
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Event) -> int | tuple[int, str]:
+        assoc = event.assoc
+        assoc_id = self._assoc_id(assoc)
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            stored = self.spool.store(data, calling_ae=str(assoc.requestor.ae_title).strip(), assoc_id=assoc_id)
+        except StoreError as exc:
+            log.warning("C-STORE from %r refused with 0x%04X: %s", assoc.requestor.ae_title, exc.status, exc)
+            return exc.status
+        except Exception:  # the node keeps serving whatever happens
+            log.exception("unexpected error in C-STORE")
+            return STATUS_UNEXPECTED
+        if self.listener is not None:
+            try:
+                self.listener.instance_received(assoc_id, stored.record.series_uid)
+            except Exception:  # bookkeeping only; the instance is stored and indexed
+                log.exception("completion tracker failed to note an instance")
+        return 0x0000
+
+    def _on_released(self, event: Event) -> None:
+        assoc_id = self._forget(event.assoc)
+        if assoc_id is not None and self.listener is not None:
+            self.listener.association_released(assoc_id)
+
+    def _on_aborted(self, event: Event) -> None:
+        assoc_id = self._forget(event.assoc)
+        if assoc_id is not None and self.listener is not None:
+            self.listener.association_aborted(assoc_id)

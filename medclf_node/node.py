@@ -1,0 +1,129 @@
+"""The running node: wires index, spool, listener, completion tracker, dispatcher and
+any further services (the pipeline's worker pool) together, and starts/stops them in order.
+
+Extension point for the pipeline: build the node, then ``node.add_service(obj)`` for any
+object with ``start()`` and ``stop()`` before calling :meth:`Node.start`.  Services are
+started after the index is ready and the listener is up, and stopped in reverse order
+before the listener closes.  ``node.index`` is the shared :class:`Index`; the event
+``node.series_completed`` is set whenever a series becomes complete (workers may wait on
+it instead of sleeping for their whole poll interval; they must ``clear()`` it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from medclf_node.config import Config
+from medclf_node.inference.registry import ModelRegistry
+from medclf_node.ingest.index import Index
+from medclf_node.ingest.series import CompletionTracker
+from medclf_node.ingest.spool import Spool
+from medclf_node.net.scp import StoreSCP
+from medclf_node.outbox import Dispatcher
+from medclf_node.pipeline import Pipeline, WorkerPool
+from medclf_node.reporting import warm_up as warm_up_reporting
+
+log = logging.getLogger(__name__)
+
+PORT_FILENAME = "node.port"
+
+
+class Service(Protocol):
+    """Anything the node starts and stops with itself."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Node:
+    """One node process.  ``start()`` returns once the listener accepts connections."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.data_dir = Path(cfg.node.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        durable = cfg.node.durable_writes
+        self.index = Index(self.data_dir, late_instances=cfg.completion.late_instances, durable=durable)
+        self.spool = Spool(self.data_dir, self.index, durable=durable, limits=cfg.limits)
+        self.series_completed = threading.Event()
+        self.tracker = CompletionTracker(
+            self.index, cfg.completion, on_complete=lambda _uid: self.series_completed.set()
+        )
+        self.scp = StoreSCP(cfg, self.spool, self.tracker)
+        self.dispatcher = Dispatcher(cfg, self.index)
+        self._services: list[Service] = []
+        self._started: list[Service] = []
+        self.port: int | None = None
+
+    def add_service(self, service: Service) -> None:
+        """Register a service (e.g. the pipeline worker pool) to run with the node."""
+        self._services.append(service)
+
+    def start(self) -> int:
+        """Recover from any crash, start everything; returns the listening port."""
+        self.spool.remove_leftover_tmp_files()
+        self.index.reset_processing_on_startup()
+        self.tracker.start()
+        self._started.append(self.tracker)
+        self.port = self.scp.start()
+        self.dispatcher.start()
+        self._started.append(self.dispatcher)
+        for svc in self._services:
+            svc.start()
+            self._started.append(svc)
+        self._write_port_file(self.port)
+        log.info("listening on %s:%d as %s", self.cfg.node.host, self.port, self.cfg.node.ae_title)
+        return self.port
+
+    def _write_port_file(self, port: int) -> None:
+        """``data_dir/node.port`` tells scripts and tests which port was picked (port 0)."""
+        path = self.data_dir / PORT_FILENAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{port}\n", encoding="ascii")
+        os.replace(tmp, path)
+
+    def stop(self) -> None:
+        """Stop accepting, stop services in reverse order, close the index."""
+        log.info("stopping")
+        self.scp.stop()
+        while self._started:
+            svc = self._started.pop()
+            try:
+                svc.stop()
+            except Exception:
+                log.exception("error stopping %s", type(svc).__name__)
+        try:
+            (self.data_dir / PORT_FILENAME).unlink(missing_ok=True)
+        except OSError:
+            pass
+        self.index.close()
+        log.info("stopped")
+
+
+def build_node(cfg: Config) -> Node:
+    """The node ``medclf-node serve`` runs: intake + dispatch, plus the pipeline when enabled.
+
+    Models are loaded (sha256-verified, warmed up) before the listener opens, so a bad model
+    stops start-up with a :class:`~medclf_node.inference.registry.ModelLoadError`.
+    """
+    node = Node(cfg)
+    if not cfg.pipeline.enabled:
+        log.warning("pipeline disabled: completed series are stored and wait in state 'complete'")
+        return node
+    try:
+        registry = ModelRegistry.from_config(cfg)
+        warm_up_reporting()
+    except BaseException:
+        node.index.close()
+        raise
+    pipeline = Pipeline(cfg, node.index, registry, on_queued=node.dispatcher.wake)
+    node.add_service(
+        WorkerPool(pipeline, workers=cfg.pipeline.workers, poll_seconds=cfg.pipeline.poll_seconds,
+                   wake=node.series_completed)
+    )
+    return node
