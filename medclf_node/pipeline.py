@@ -1,0 +1,291 @@
+"""Orchestration only: a completed series -> selection -> volume -> models -> SR/SC -> outbox.
+
+Each stage lives in its own module (``ingest.selection``, ``ingest.volume``,
+``inference``, ``reporting``); this module calls them in order, records every state change
+in the index and turns failures into precise, patient-data-free reasons:
+
+* no rule selects the series           -> ``skipped`` (reason_code ``no_rule``)
+* a selected model is not loaded       -> ``failed``  (``model_unavailable``)
+* the volume cannot be assembled       -> ``failed``  (the :class:`VolumeError` code)
+* a header cannot be read              -> ``failed``  (``unreadable``)
+* anything unexpected                  -> ``failed``  (``internal_error``), logged with traceback
+
+Result objects are written durably under ``data_dir/outbox/`` *before* they are queued,
+so a crash after this point loses nothing; a crash before it re-runs the series on restart
+(``Index.reset_processing_on_startup``) and produces the same UIDs.
+
+A series re-opened by a late instance while we worked has a newer ``generation``; our
+state update is then refused by the index and the newer generation is processed later.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medclf_node.config import Config
+from medclf_node.domain import ModelResult, NodeIdentity, SliceRef, Volume
+from medclf_node.inference.predict import predict_series
+from medclf_node.inference.registry import LoadedModel
+from medclf_node.ingest.index import Index, SeriesRow
+from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
+from medclf_node.ingest.spool import write_atomic
+from medclf_node.ingest.volume import VolumeError, assemble_volume
+from medclf_node.reporting import build_sc, build_sr
+
+log = logging.getLogger(__name__)
+
+OUTBOX_DIRNAME = "outbox"
+
+
+class ModelProvider(Protocol):
+    """The loaded models by name (``inference.registry.ModelRegistry``); KeyError when absent."""
+
+    def get(self, name: str) -> LoadedModel: ...
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """One series' header datasets (no pixels): selection reads them, the SR cites them."""
+
+    datasets: dict[Path, Dataset]
+    selection_headers: list[Header]
+
+
+class StageError(Exception):
+    """A series-level failure with a reason code for the index."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def read_series_files(paths: Sequence[Path]) -> SeriesFiles:
+    """Read each spooled file's header once, without pixels.
+
+    Volume assembly reads geometry with its own fast header scan and then the pixels once.
+    """
+    datasets: dict[Path, Dataset] = {}
+    sel: list[Header] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            raise StageError("unreadable", f"cannot read the header of {path.name}: {type(exc).__name__}") from exc
+        if "SOPInstanceUID" not in ds:
+            raise StageError("unreadable", f"{path.name} has no SOP Instance UID")
+        datasets[path] = ds
+        sel.append(header_from_dataset(path, ds))
+    return SeriesFiles(datasets=datasets, selection_headers=sel)
+
+
+def evidence_sources(volume: Volume, datasets: dict[Path, Dataset]) -> tuple[list[Dataset], dict[str, int]]:
+    """Source datasets in slice order, one per SOP instance, and each UID's position."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets.values()}
+    order: dict[str, int] = {}
+    sources: list[Dataset] = []
+    for ref in volume.slice_refs:
+        if ref.sop_instance_uid not in order:
+            order[ref.sop_instance_uid] = len(sources)
+            sources.append(by_uid[ref.sop_instance_uid])
+    return sources, order
+
+
+def encode(ds: Dataset) -> bytes:
+    """A dataset as Part 10 file bytes (preamble, file meta, dataset)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class Pipeline:
+    """Processes one claimed series at a time; plain calls, no threads (see :class:`WorkerPool`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        index: Index,
+        models: ModelProvider,
+        *,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.models = models
+        self.on_queued = on_queued or (lambda: None)
+        self.identity = NodeIdentity(
+            ae_title=cfg.node.ae_title,
+            device_name=cfg.node.ae_title,
+            institution_name=cfg.results.institution_name,
+        )
+        self.outbox_dir = Path(cfg.node.data_dir) / OUTBOX_DIRNAME
+        self.durable = cfg.node.durable_writes
+
+    # --- one series ------------------------------------------------------------------------
+    def process(self, row: SeriesRow) -> str:
+        """Run the whole chain for a claimed (``processing``) series; returns its final state."""
+        uid, gen = row.series_uid, row.generation
+        timings: dict[str, float] = {}
+        if row.completed_at is not None:
+            timings["completion_wait"] = round(max(0.0, row.completed_at - row.last_at), 3)
+        t0 = time.perf_counter()
+        try:
+            state, code, text, rule = self._run(row, timings)
+        except StageError as exc:
+            state, code, text, rule = "failed", exc.code, exc.message, None
+            log.warning("series %s failed: %s", uid, exc)
+        except Exception as exc:  # never take the worker down; the reason is recorded
+            state, code, text, rule = "failed", "internal_error", f"{type(exc).__name__}: {exc}"[:500], None
+            log.exception("series %s: unexpected error", uid)
+        timings["total"] = round(time.perf_counter() - t0, 3)
+        changed = self.index.set_series_state(
+            uid, state, code, text, generation=gen, rule=rule, timings=timings  # type: ignore[arg-type]
+        )
+        if not changed:
+            log.info("series %s was re-opened by a late instance while processing; it will run again", uid)
+        else:
+            log.info("series %s -> %s%s (%.2f s)", uid, state, f" [{code}]" if code else "", timings["total"])
+        if state == "reported":
+            self.on_queued()
+        return state
+
+    def _run(self, row: SeriesRow, timings: dict[str, float]) -> tuple[str, str | None, str | None, str | None]:
+        uid, gen = row.series_uid, row.generation
+        paths = self.index.series_paths(uid)
+        if not paths:
+            raise StageError("no_instances", "the series has no stored instances")
+        t = time.perf_counter()
+        files = read_series_files(paths)
+        choice = select(files.selection_headers, self.cfg.effective_rules())
+        timings["headers"] = round(time.perf_counter() - t, 3)
+        if isinstance(choice, Skipped):
+            return "skipped", "no_rule", choice.reason, None
+        predictors = self._predictors(choice)
+        t = time.perf_counter()
+        try:
+            volume = assemble_volume(list(choice.paths), self.cfg.volume, limits=self.cfg.limits)
+        except VolumeError as exc:
+            raise StageError(exc.code, exc.message) from exc
+        timings["volume"] = round(time.perf_counter() - t, 3)
+        sources, position = evidence_sources(volume, {p: files.datasets[p] for p in choice.paths})
+        for name, predictor in predictors:
+            t = time.perf_counter()
+            result = predict_series(predictor, volume)
+            timings[f"inference:{name}"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            self._report(row, volume, sources, position, result)
+            timings[f"report:{name}"] = round(time.perf_counter() - t, 3)
+            self.index.record_result(
+                uid,
+                result.model_name,
+                result.model_version,
+                result.probability,
+                result.positive,
+                generation=gen,
+                key_slice_index=result.key_slice_index,
+                timings={"inference": timings[f"inference:{name}"], "report": timings[f"report:{name}"]},
+                details={
+                    "threshold": result.threshold,
+                    "finding": result.finding.meaning,
+                    "volume_shape": list(volume.shape),
+                    "volume_notes": list(volume.notes),
+                },
+            )
+        return "reported", None, None, choice.rule
+
+    def _predictors(self, choice: Selection) -> list[tuple[str, LoadedModel]]:
+        out = []
+        for name in choice.models:
+            try:
+                out.append((name, self.models.get(name)))
+            except KeyError:
+                raise StageError(
+                    "model_unavailable", f"rule {choice.rule!r} names model {name!r}, which is not loaded"
+                ) from None
+        return out
+
+    def _report(
+        self,
+        row: SeriesRow,
+        volume: Volume,
+        sources: list[Dataset],
+        position: dict[str, int],
+        result: ModelResult,
+    ) -> None:
+        """Build SR and SC, write them durably, queue them for every destination."""
+        key_ref: SliceRef = volume.slice_refs[result.key_slice_index]
+        objects: list[tuple[str, Dataset]] = []
+        if self.cfg.results.send_sr:
+            objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref)))
+        if self.cfg.results.send_sc:
+            key_source = sources[position[key_ref.sop_instance_uid]]
+            key_hu = volume.array[result.key_slice_index]
+            objects.append(
+                ("SC", build_sc(key_source, key_hu, result, self.identity, key_frame_number=key_ref.frame_number))
+            )
+        folder = self.outbox_dir / row.series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, ds in objects:
+            sop_uid = str(ds.SOPInstanceUID)
+            path = folder / f"{sop_uid}.dcm"
+            write_atomic(path, encode(ds), durable=self.durable)
+            rel = path.relative_to(self.cfg.node.data_dir).as_posix()
+            for dest in self.cfg.results.destinations:
+                self.index.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel, replace_sent=row.generation > 0)  # type: ignore[arg-type]
+
+
+class WorkerPool:
+    """``pipeline.workers`` threads that claim completed series and run the pipeline on them."""
+
+    def __init__(self, pipeline: Pipeline, *, workers: int, poll_seconds: float, wake: threading.Event) -> None:
+        self.pipeline = pipeline
+        self.n = workers
+        self.poll = poll_seconds
+        self.wake = wake
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for i in range(self.n):
+            t = threading.Thread(target=self._run, args=(f"worker-{i}",), name=f"pipeline-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        self._threads.clear()
+
+    def run_until_idle(self, worker: str = "inline") -> int:
+        """Process every complete series now, in this thread (tests, `demo`); returns how many."""
+        n = 0
+        while (row := self.pipeline.index.claim_next_complete(worker)) is not None:
+            self.pipeline.process(row)
+            n += 1
+        return n
+
+    def _run(self, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                row = self.pipeline.index.claim_next_complete(name)
+            except Exception:
+                log.exception("cannot claim work from the index; retrying")
+                row = None
+            if row is None:
+                self.wake.wait(self.poll)
+                self.wake.clear()
+                continue
+            self.pipeline.process(row)
