@@ -14,22 +14,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from medclf_node.audit import open_audit_log
 from medclf_node.config import Config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
+from medclf_node.ingest.index import SERIES_STATES, Index
 from medclf_node.ingest.series import CompletionTracker
 from medclf_node.ingest.spool import Spool
+from medclf_node.metrics import Metrics, readiness_checks, start_metrics_server
 from medclf_node.net.scp import StoreSCP
 from medclf_node.outbox import Dispatcher
 from medclf_node.pipeline import Pipeline, WorkerPool
 from medclf_node.reporting import warm_up as warm_up_reporting
+from medclf_node.retention import DiskWatermark
+from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 PORT_FILENAME = "node.port"
+METRICS_PORT_FILENAME = "metrics.port"
 
 
 class Service(Protocol):
@@ -51,14 +57,34 @@ class Node:
         self.index = Index(self.data_dir, late_instances=cfg.completion.late_instances, durable=durable)
         self.spool = Spool(self.data_dir, self.index, durable=durable, limits=cfg.limits)
         self.series_completed = threading.Event()
-        self.tracker = CompletionTracker(
-            self.index, cfg.completion, on_complete=lambda _uid: self.series_completed.set()
+        self.telemetry = Telemetry(
+            Metrics(series_states=SERIES_STATES),
+            open_audit_log(cfg.audit.enabled, cfg.audit_path(), fsync=cfg.audit.fsync),
         )
-        self.scp = StoreSCP(cfg, self.spool, self.tracker)
-        self.dispatcher = Dispatcher(cfg, self.index)
+        self.telemetry.metrics.watch_series_states(self.index.series_counts)
+        self.telemetry.metrics.watch_outbox_depth(self.index.outbox_depth)
+        self.telemetry.metrics.watch_free_disk(self.data_dir)
+        self.tracker = CompletionTracker(self.index, cfg.completion, on_complete=self._series_complete)
+        watermark = DiskWatermark(self.data_dir, cfg.retention.min_free_disk_mb)
+        self.scp = StoreSCP(cfg, self.spool, self.tracker, telemetry=self.telemetry, watermark=watermark)
+        self.dispatcher = Dispatcher(cfg, self.index, telemetry=self.telemetry)
+        self.models_ready: Callable[[], bool] = lambda: True  # build_node replaces it when models load
         self._services: list[Service] = []
         self._started: list[Service] = []
         self.port: int | None = None
+
+    def _series_complete(self, series_uid: str) -> None:
+        """Wake the workers; record the completion (how, after how long) in metrics and audit."""
+        self.series_completed.set()
+        row = self.index.get_series(series_uid)
+        if row is None:
+            return
+        with self.telemetry.guard("completion"):
+            if row.completed_at is not None:
+                self.telemetry.metrics.observe_stage("completion", row.completed_at - row.first_at)
+            self.telemetry.audit.series("completed", series_uid=series_uid, study_uid=row.study_uid,
+                                        n_instances=row.n_instances, completion=row.completion,
+                                        generation=row.generation)
 
     def add_service(self, service: Service) -> None:
         """Register a service (e.g. the pipeline worker pool) to run with the node."""
@@ -73,6 +99,11 @@ class Node:
         self.port = self.scp.start()
         self.dispatcher.start()
         self._started.append(self.dispatcher)
+        checks = readiness_checks(self.data_dir, index_ping=self.index.ping, models_loaded=self.models_ready)
+        server = start_metrics_server(self.cfg.metrics, self.telemetry.metrics, checks,
+                                      port_file=self.data_dir / METRICS_PORT_FILENAME)
+        if server is not None:
+            self._started.append(server)
         for svc in self._services:
             svc.start()
             self._started.append(svc)
@@ -102,6 +133,7 @@ class Node:
         except OSError:
             pass
         self.index.close()
+        self.telemetry.audit.close()
         log.info("stopped")
 
 
@@ -121,7 +153,9 @@ def build_node(cfg: Config) -> Node:
     except BaseException:
         node.index.close()
         raise
-    pipeline = Pipeline(cfg, node.index, registry, on_queued=node.dispatcher.wake)
+    node.telemetry.metrics.models_loaded.set(len(registry.names()))
+    node.models_ready = lambda: len(registry.names()) > 0
+    pipeline = Pipeline(cfg, node.index, registry, on_queued=node.dispatcher.wake, telemetry=node.telemetry)
     node.add_service(
         WorkerPool(pipeline, workers=cfg.pipeline.workers, poll_seconds=cfg.pipeline.poll_seconds,
                    wake=node.series_completed)

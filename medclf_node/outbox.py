@@ -30,6 +30,7 @@ from pathlib import Path
 from medclf_node.config import Config
 from medclf_node.ingest.index import Index, OutboxItem
 from medclf_node.net.scu import Peer, SendError, send_files
+from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,12 @@ class _DestinationWorker:
 class Dispatcher:
     """Sends due outbox items; ``start()``/``stop()`` run it as a node service."""
 
-    def __init__(self, cfg: Config, index: Index, *, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self, cfg: Config, index: Index, *, poll_seconds: float = 0.5, telemetry: Telemetry | None = None
+    ) -> None:
         self.cfg = cfg
         self.index = index
+        self.telemetry = telemetry or Telemetry.disabled()
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -184,6 +188,7 @@ class Dispatcher:
             sendable.append((item, path))
         if not sendable:
             return
+        t0 = time.perf_counter()
         try:
             results = send_files(peer, [p for _, p in sendable], local_ae=self.cfg.node.ae_title,
                                  timeout=d.timeout_seconds)
@@ -196,14 +201,25 @@ class Dispatcher:
             log.exception("sending to %s failed", peer.ae_title)
             errors = [f"{type(exc).__name__}: {exc}"] * len(sendable)
         now = time.time()
+        tm = self.telemetry
+        with tm.guard("send"):
+            tm.metrics.observe_stage("send", time.perf_counter() - t0)
         for (item, _), err in zip(sendable, errors, strict=True):
+            attempts = item.attempts + 1
             if err is None:
                 self.index.mark_sent(item.id)
                 log.info("sent %s %s to %s", item.kind, item.object_uid, peer.ae_title)
+                with tm.guard("sent"):
+                    tm.audit.result_object("sent", object_uid=item.object_uid, destination=item.destination,
+                                           series_uid=item.series_uid, kind=item.kind, attempts=attempts)
                 continue
-            attempts = item.attempts + 1
             delay = backoff_seconds(attempts, d.initial_backoff_seconds, d.max_backoff_seconds)
             state = self.index.mark_failed_attempt(item.id, err, now + delay, d.max_attempts)
+            with tm.guard("failure"):
+                tm.metrics.dispatch_failures.labels(destination=item.destination).inc()
+                if state == "dead":
+                    tm.audit.result_object("dead_lettered", object_uid=item.object_uid, destination=item.destination,
+                                           series_uid=item.series_uid, kind=item.kind, attempts=attempts, reason=err)
             if state == "dead":
                 log.error("%s %s to %s dead after %d attempts: %s", item.kind, item.object_uid,
                           peer.ae_title, attempts, err)

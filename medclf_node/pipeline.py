@@ -42,6 +42,7 @@ from medclf_node.ingest.selection import Header, Selection, Skipped, header_from
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
 from medclf_node.reporting import build_sc, build_sr
+from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,13 @@ class Pipeline:
         models: ModelProvider,
         *,
         on_queued: Callable[[], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
         self.models = models
         self.on_queued = on_queued or (lambda: None)
+        self.telemetry = telemetry or Telemetry.disabled()
         self.identity = NodeIdentity(
             ae_title=cfg.node.ae_title,
             device_name=cfg.node.ae_title,
@@ -156,9 +159,27 @@ class Pipeline:
             log.info("series %s was re-opened by a late instance while processing; it will run again", uid)
         else:
             log.info("series %s -> %s%s (%.2f s)", uid, state, f" [{code}]" if code else "", timings["total"])
+            self._observe(row, state, code, text, rule, timings)
         if state == "reported":
             self.on_queued()
         return state
+
+    def _observe(self, row: SeriesRow, state: str, code: str | None, text: str | None, rule: str | None,
+                 timings: dict[str, float]) -> None:
+        tm = self.telemetry
+        with tm.guard("pipeline"):
+            for stage in ("volume", "inference", "report"):
+                spent = sum(v for k, v in timings.items() if k == stage or k.startswith(f"{stage}:"))
+                if spent:
+                    tm.metrics.observe_stage(stage, spent)
+            if state in ("skipped", "failed"):
+                tm.audit.series("skipped" if state == "skipped" else "failed", series_uid=row.series_uid,
+                                study_uid=row.study_uid, reason_code=code, reason=text, rule=rule,
+                                generation=row.generation)
+            for r in self.index.results(row.series_uid) if state == "reported" else []:
+                tm.audit.model_run(series_uid=row.series_uid, study_uid=row.study_uid, model=r.model_name,
+                                   version=r.model_version, score=r.probability, positive=r.positive,
+                                   seconds=r.timings.get("inference"), generation=row.generation)
 
     def _run(self, row: SeriesRow, timings: dict[str, float]) -> tuple[str, str | None, str | None, str | None]:
         uid, gen = row.series_uid, row.generation

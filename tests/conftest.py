@@ -135,6 +135,8 @@ def node_sections(data_dir: Path, **overrides: Any) -> dict[str, Any]:
         "peers": [{"name": "scanner", "ae_title": SENDER_AE, "host": "127.0.0.1", "port": free_port()}],
         "completion": {"quiet_seconds": 30.0},
         "pipeline": {"enabled": False},  # intake tests need no model; pipeline tests enable it
+        "metrics": {"port": 0},  # several test nodes at once: never a fixed port
+        "retention": {"min_free_disk_mb": 0},
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(sections.get(k), dict):

@@ -7,9 +7,11 @@ dciodvfy and dsrdump, as a PACS and a viewer would.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +109,45 @@ def test_storescu_to_sr_and_sc_at_destination(
                               capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0 and "Pulmonary nodule" in dump.stdout
 
+    _check_metrics_and_audit(node, n_instances=sum(len(p) for p in series.values()))
+
     jobs = subprocess.run([sys.executable, "-m", "medclf_node.cli", "jobs", "--config", str(node.config)],
                           capture_output=True, text=True, timeout=60)
     assert jobs.returncode == 0, jobs.stderr
     assert jobs.stdout.count("sent") >= 2
     assert "test-2p5d-int8" in jobs.stdout
+
+
+def _check_metrics_and_audit(node: Any, n_instances: int) -> None:
+    """The operator's view of the same run: Prometheus counters moved, the audit trail tells the
+    story, and neither contains patient data."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = int((node.data_dir / "metrics.port").read_text())
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{base}/readyz", timeout=10) as rsp:
+        assert rsp.status == 200
+    with opener.open(f"{base}/metrics", timeout=10) as rsp:
+        text = rsp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text) for s in fam.samples
+    }
+    assert samples[("medclf_instances_received_total", ())] == n_instances
+    assert samples[("medclf_associations_total", (("reason", "ok"), ("result", "accepted")))] >= 2
+    assert samples[("medclf_series_state", (("state", "sent"),))] == 2
+    assert samples[("medclf_stage_seconds_count", (("stage", "inference"),))] == 2
+    assert samples[("medclf_models_loaded", ())] == 1
+
+    audit_text = (node.data_dir / "audit.jsonl").read_text()
+    events = [json.loads(line) for line in audit_text.splitlines()]
+    kinds = [(e["event"], e.get("action")) for e in events]
+    assert kinds.count(("series", "received")) == 2
+    assert kinds.count(("series", "completed")) == 2
+    assert kinds.count(("model_run", None)) == 2
+    assert kinds.count(("object", "sent")) == 4
+    assert "P-pos" not in audit_text and "P-neg" not in audit_text, "no patient IDs in the audit trail"
 
 
 def test_serve_refuses_to_start_when_a_rule_names_a_missing_model(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import sqlite3
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,8 @@ def test_300_slice_series_arrives_byte_identical(node_factory, ct_series_300: li
         assert stored.stat().st_size == size
         assert dataset_bytes(stored) == dataset_bytes(src)  # pixel data and all elements
         assert calling == SENDER_AE and series == ds.SeriesInstanceUID and study == ds.StudyInstanceUID
-    series_rows = index_rows(node.data_dir, "SELECT state, n_instances, completion FROM series")
-    assert series_rows == [("complete", 300, "release")]
+    assert wait_rows(node.data_dir, "SELECT state, n_instances, completion FROM series",
+                     [("complete", 300, "release")]) == [("complete", 300, "release")]
     assert tmp_leftovers(node.data_dir) == []
 
 
@@ -94,6 +95,18 @@ def test_resend_is_idempotent(node_factory, tmp_path: Path) -> None:  # type: ig
     assert index_rows(node.data_dir, "SELECT COUNT(*) FROM instances") == [(3,)]
     assert len(list((node.data_dir / "spool").rglob("*.dcm"))) == 3
     assert index_rows(node.data_dir, "SELECT n_instances FROM series") == [(3,)]
+
+
+Rows = list[tuple[object, ...]]
+
+
+def wait_rows(data_dir: Path, query: str, expected: Rows, timeout: float = 10.0) -> Rows:
+    """The query's rows (sorted) once they equal ``expected``, or whatever they are at the timeout:
+    completion on release is recorded just after the sender has seen its A-RELEASE-RP."""
+    deadline = time.monotonic() + timeout
+    while (rows := sorted(index_rows(data_dir, query))) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return rows
 
 
 @needs_dcmtk
@@ -115,8 +128,8 @@ def test_concurrent_senders(node_factory, tmp_path: Path) -> None:  # type: igno
         t.join(timeout=120)
     assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr[-500:] for r in results]
     assert index_rows(node.data_dir, "SELECT COUNT(*) FROM instances") == [(80,)]
-    states = index_rows(node.data_dir, "SELECT state, n_instances, completion FROM series")
-    assert sorted(states) == [("complete", 20, "release")] * 4
+    expected = [("complete", 20, "release")] * 4
+    assert wait_rows(node.data_dir, "SELECT state, n_instances, completion FROM series", expected) == expected
 
 
 @needs_dcmtk

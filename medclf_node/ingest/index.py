@@ -470,6 +470,18 @@ class Index:
             rows = self._query("SELECT * FROM series ORDER BY updated_at DESC LIMIT ?", (limit,))
         return [_series_row(r) for r in rows]
 
+    def series_counts(self) -> dict[str, int]:
+        """Number of series in each state (metrics)."""
+        return {str(r[0]): int(r[1]) for r in self._query("SELECT state, COUNT(*) FROM series GROUP BY state")}
+
+    def outbox_depth(self) -> int:
+        """Result objects still waiting to be sent (metrics)."""
+        return int(self._query("SELECT COUNT(*) FROM outbox WHERE state='queued'")[0][0])
+
+    def ping(self) -> bool:
+        """The index answers a query (readiness)."""
+        return bool(self._query("SELECT 1"))
+
     def reset_processing_on_startup(self) -> int:
         """After a crash/restart: every ``processing`` series goes back to ``complete``.
 

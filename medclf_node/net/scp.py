@@ -48,7 +48,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf_node.config import Config
-from medclf_node.ingest.spool import STATUS_UNEXPECTED, Spool, StoreError
+from medclf_node.ingest.spool import STATUS_OUT_OF_RESOURCES, STATUS_UNEXPECTED, Spool, StoreError
+from medclf_node.retention import DiskWatermark
+from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +126,20 @@ class StoreSCP:
     association still open.
     """
 
-    def __init__(self, cfg: Config, spool: Spool, listener: AssociationListener | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        spool: Spool,
+        listener: AssociationListener | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        watermark: DiskWatermark | None = None,
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.listener = listener
+        self.telemetry = telemetry or Telemetry.disabled()
+        self.watermark = watermark
         self.allowed_calling = cfg.allowed_calling_ae_titles()
         self._server: NoDelayServer | None = None
         self._thread: threading.Thread | None = None
@@ -227,6 +239,12 @@ class StoreSCP:
             log.warning("rejected association from %s (%r): called AE title %r is not %r",
                         assoc.requestor.address, calling, called, self.cfg.node.ae_title)
         if reason is not None:
+            code = "calling_ae_not_allowed" if reason == REJECT_CALLING_AE else "called_ae_mismatch"
+            peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+            with self.telemetry.guard("association"):
+                self.telemetry.metrics.association(False, code)
+                self.telemetry.audit.association(accepted=False, calling_ae=calling, called_ae=called,
+                                                 peer=peer, reason=code)
             assoc.acse.send_reject(*reason)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
@@ -238,6 +256,12 @@ class StoreSCP:
         log.debug("association %s established with %r", self._assoc_id(event.assoc),
                   event.assoc.requestor.ae_title)
         _guard_dimse(event.assoc, self._assoc_id(event.assoc))
+        rq = event.assoc.requestor
+        with self.telemetry.guard("association"):
+            self.telemetry.metrics.association(True)
+            self.telemetry.audit.association(accepted=True, calling_ae=str(rq.ae_title).strip(),
+                                             called_ae=self.cfg.node.ae_title, peer=f"{rq.address}:{rq.port}",
+                                             assoc_id=self._assoc_id(event.assoc))
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -245,6 +269,9 @@ class StoreSCP:
     def _on_store(self, event: Event) -> int | tuple[int, str]:
         assoc = event.assoc
         assoc_id = self._assoc_id(assoc)
+        if self.watermark is not None and not self.watermark.ok():
+            log.warning("C-STORE refused with 0xA700: free disk space below retention.min_free_disk_mb")
+            return STATUS_OUT_OF_RESOURCES
         try:
             data = event.encoded_dataset(include_meta=True)
             stored = self.spool.store(data, calling_ae=str(assoc.requestor.ae_title).strip(), assoc_id=assoc_id)
@@ -259,6 +286,12 @@ class StoreSCP:
                 self.listener.instance_received(assoc_id, stored.record.series_uid)
             except Exception:  # bookkeeping only; the instance is stored and indexed
                 log.exception("completion tracker failed to note an instance")
+        rec = stored.record
+        with self.telemetry.guard("instance"):
+            self.telemetry.metrics.instance_received(rec.size)
+            if stored.outcome.series_state_before is None:
+                self.telemetry.audit.series("received", series_uid=rec.series_uid, study_uid=rec.study_uid,
+                                            calling_ae=rec.calling_ae)
         return 0x0000
 
     def _on_released(self, event: Event) -> None:
