@@ -1,0 +1,104 @@
+"""Every model family builds for the preprocess spec, runs forward, and trains a step (fp32 and bf16)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medclf_node.preprocess import PreprocessSpec, Window
+from training.modeling.cbam3d import cbam_block
+from training.modeling.config import ModelConfig
+from training.modeling.factory import build_model, model_input_shape
+from training.tfenv import keras, tf
+from training.train import precision_policy
+
+WINDOWS = (Window(center=-600, width=1500),)
+SPEC_25D = PreprocessSpec(mode="2.5d", windows=WINDOWS, input_shape=(32, 32), context_slices=1)
+SPEC_2D_2W = PreprocessSpec(mode="2d", windows=(*WINDOWS, Window(center=40, width=400)), input_shape=(32, 32))
+SPEC_3D = PreprocessSpec(mode="3d", windows=WINDOWS, input_shape=(8, 16, 16))
+
+CASES = [
+    ("cnn2d", SPEC_25D, {}),
+    ("multiscale2d", SPEC_2D_2W, {}),
+    ("efficientnet", SPEC_25D, {"efficientnet_variant": "B0"}),
+    ("cnn3d_cbam", SPEC_3D, {}),
+    ("densenet3d", SPEC_3D, {"growth_rate": 4, "block_config": (2, 2)}),
+]
+
+
+@pytest.mark.parametrize(("family", "spec", "extra"), CASES, ids=[c[0] for c in CASES])
+def test_family_builds_and_predicts(family: str, spec: PreprocessSpec, extra: dict[str, object]) -> None:
+    model = build_model(ModelConfig(family=family, base_filters=4, **extra), spec)
+    assert model.input_shape[1:] == model_input_shape(spec) == (*spec.input_shape, spec.channels)
+    x = np.random.default_rng(0).random((3, *model.input_shape[1:]), dtype=np.float32)
+    p = model(x, training=False).numpy()
+    assert p.shape == (3, 1) and p.dtype == np.float32
+    assert np.all((p >= 0) & (p <= 1))
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("family", ["cnn3d_cbam", "densenet3d"])
+def test_3d_nets_have_no_3d_pooling(family: str) -> None:
+    model = build_model(ModelConfig(family=family, base_filters=4, growth_rate=4, block_config=(2, 2)), SPEC_3D)
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert not kinds & {"MaxPooling3D", "AveragePooling3D"}
+    assert any(k == "Conv3D" for k in kinds)
+    strided = [la for la in model.layers if type(la).__name__ == "Conv3D" and max(la.strides) > 1]
+    assert strided, "downsampling must be done by strided Conv3D"
+    keras.backend.clear_session()
+
+
+def test_cbam_keeps_shape_and_derives_width_from_channels() -> None:
+    inp = keras.Input((4, 6, 6, 24))
+    out = cbam_block(inp, reduction=8, name="t")
+    m = keras.Model(inp, out)
+    assert tuple(out.shape[1:]) == (4, 6, 6, 24)
+    assert m.get_layer("t_mlp1").units == 3 and m.get_layer("t_mlp2").units == 24
+    x = np.random.default_rng(1).random((2, 4, 6, 6, 24), dtype=np.float32)
+    y = m(x).numpy()
+    assert np.all(np.abs(y) <= np.abs(x) + 1e-6)  # attention only scales down (sigmoid gates)
+    keras.backend.clear_session()
+
+
+def test_3d_cnn_depth_follows_the_input_size() -> None:
+    small = build_model(ModelConfig(family="cnn3d_cbam", base_filters=4), SPEC_3D)
+    big_spec = PreprocessSpec(mode="3d", windows=WINDOWS, input_shape=(32, 64, 64))
+    big = build_model(ModelConfig(family="cnn3d_cbam", base_filters=4), big_spec)
+    n_cbam = lambda m: sum(1 for la in m.layers if la.name.endswith("_cbam_mlp1"))  # noqa: E731
+    assert n_cbam(small) == 1 and n_cbam(big) == 3  # log2(min spatial / 4) stages
+    assert big.get_layer("stage2_cbam_mlp2").units == 4 * 2**3
+    keras.backend.clear_session()
+
+
+def test_family_and_spec_dimensionality_must_agree() -> None:
+    with pytest.raises(ValueError, match="3D"):
+        build_model(ModelConfig(family="densenet3d"), SPEC_25D)
+    with pytest.raises(ValueError, match="2D"):
+        build_model(ModelConfig(family="cnn2d"), SPEC_3D)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize(("family", "spec"), [("cnn2d", SPEC_25D), ("cnn3d_cbam", SPEC_3D)])
+def test_train_step_under_precision(family: str, spec: PreprocessSpec, precision: str) -> None:
+    with precision_policy(precision):
+        model = build_model(ModelConfig(family=family, base_filters=4), spec)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the block
+    compute = model.get_layer("head_logit").compute_dtype
+    assert compute == "float32"  # the output layer stays float32 under mixed precision
+    if precision == "mixed_bfloat16":
+        convs = [la for la in model.layers if "conv" in la.name]
+        assert convs[0].compute_dtype == "bfloat16"
+    rng = np.random.default_rng(2)
+    x = rng.random((4, *model.input_shape[1:]), dtype=np.float32)
+    y = np.array([[0], [1], [0], [1]], np.float32)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    opt = keras.optimizers.Adam(1e-2)
+    with tf.GradientTape() as tape:  # one eager step: cheap, and exercises the same graph as fit()
+        loss = keras.losses.binary_crossentropy(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_weights)
+    opt.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+    assert np.all(np.isfinite(loss.numpy()))
+    assert all(g is not None for g in grads)
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_weights, strict=True))
+    assert model(x).dtype == tf.float32
+    keras.backend.clear_session()

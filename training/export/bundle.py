@@ -1,0 +1,199 @@
+"""`export`: a trained run -> a model directory the node loads (artifacts + checks + manifest.json).
+
+For each requested mode the artifact is written, then checked: TFLite outputs against the Keras
+model on held-out samples (per-precision tolerance), and each artifact's AUC on the held-out split
+against the fp32 Keras AUC.  The manifest records sha256s, the preprocessing spec, threshold,
+metrics (including the int8 AUC delta) and provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from medclf_node.inference.manifest import (
+    Artifact,
+    InputSpec,
+    Labels,
+    Manifest,
+    OutputSpec,
+    Provenance,
+    sha256_path,
+    write_manifest,
+)
+from training.export.savedmodel import export_saved_model
+from training.export.tflite import ExportError, convert, supported_tflite_modes
+from training.tfenv import keras
+from training.train import Split, batched, class_weights, split_auc
+from training.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+#: Max |p_tflite - p_keras| accepted per precision (probabilities in [0, 1]).
+TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3, "dynamic": 5e-2, "int8": 0.1, "qat_int8": 0.1}
+ARTIFACT_NAMES: dict[str, str] = {
+    "saved_model": "saved_model",
+    "fp32": "model_fp32.tflite",
+    "fp16": "model_fp16.tflite",
+    "dynamic": "model_dynamic.tflite",
+    "int8": "model_int8.tflite",
+    "qat_int8": "model_qat_int8.tflite",
+}
+_PRECISION = {"saved_model": "fp32", "fp32": "fp32", "fp16": "fp16", "dynamic": "dynamic", "int8": "int8",
+              "qat_int8": "int8"}
+
+
+@dataclass
+class ExportResult:
+    """What export wrote and how the checks went."""
+
+    model_dir: Path
+    manifest: Manifest
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.get("ok", True) for c in self.checks.values())
+
+
+def representative_samples(split: Split, n: int, seed: int = 0) -> npt.NDArray[np.float32]:
+    """``n`` training inputs drawn at random (uniformly over the split) for int8 calibration."""
+    xs = np.stack([x for x, _ in split.dataset.as_numpy_iterator()]) if len(split) else np.zeros((0,))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(xs), size=min(n, len(xs)), replace=False)
+    return xs[np.sort(pick)].astype(np.float32)
+
+
+def _holdout_arrays(split: Split) -> npt.NDArray[np.float32]:
+    return np.stack([x for x, _ in split.dataset.as_numpy_iterator()]).astype(np.float32)
+
+
+def _tflite_predict(path: Path, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    from medclf_node.inference.runtime import LiteRTRuntime
+
+    return LiteRTRuntime(path, threads=2).predict(x).reshape(-1)
+
+
+def _qat(cfg: TrainConfig, model: keras.Model, train: Split | None) -> keras.Model:
+    from training.export.qat import fine_tune, qat_model
+
+    if train is None:
+        raise ExportError("qat_int8 needs the training split for fine-tuning")
+    try:
+        q = qat_model(model)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    steps = max(1, len(train) // cfg.fit.batch_size)
+    fine_tune(q, batched(train, cfg.fit.batch_size, shuffle=cfg.data.shuffle_buffer, seed=cfg.fit.seed),
+              cfg.export.qat_epochs, steps, cfg.fit.learning_rate * cfg.fit.min_lr_ratio * 10,
+              class_weights(train.labels) if cfg.fit.class_weights else None)
+    return q
+
+
+def export_model(
+    cfg: TrainConfig,
+    model: keras.Model,
+    model_dir: Path,
+    *,
+    holdout: Split,
+    train: Split | None,
+    threshold: float,
+    metrics: dict[str, float] | None = None,
+    modes: tuple[str, ...] | None = None,
+    default: str | None = None,
+) -> ExportResult:
+    """Write every artifact of ``modes`` (default: the config's), check them, write the manifest."""
+    exp = cfg.export
+    modes = modes or tuple(exp.modes)
+    default = default or exp.default
+    unknown = [m for m in modes if m not in ARTIFACT_NAMES]
+    if unknown:
+        raise ExportError(f"unknown export mode(s) {unknown}; choose from {list(ARTIFACT_NAMES)}")
+    if default not in modes:
+        raise ExportError(f"default artifact mode {default!r} is not among the exported modes {list(modes)}")
+    tfl = supported_tflite_modes(model)
+    bad = [m for m in modes if m != "saved_model" and m.removeprefix("qat_") not in tfl]
+    if bad:
+        raise ExportError(f"mode(s) {bad} not supported for this model; supported: saved_model, {list(tfl)}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    x_hold = _holdout_arrays(holdout)
+    keras_p = np.asarray(model.predict(x_hold, verbose=0), np.float32).reshape(-1)
+    fp32_auc = split_auc(cfg, holdout, keras_p)
+    n_par = min(exp.parity_samples, len(x_hold))
+    rep = representative_samples(train, exp.representative_samples, cfg.fit.seed) if train is not None else None
+    artifacts: list[Artifact] = []
+    checks: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        name = ARTIFACT_NAMES[mode]
+        path = model_dir / name
+        if mode == "saved_model":
+            export_saved_model(model, path)
+            artifacts.append(Artifact(path=name, format="saved_model", precision="fp32", sha256=sha256_path(path)))
+            continue
+        ref_model, ref_p = model, keras_p
+        if mode == "qat_int8":
+            ref_model = _qat(cfg, model, train)
+            ref_p = np.asarray(ref_model.predict(x_hold, verbose=0), np.float32).reshape(-1)
+        tfl_mode = "int8" if mode == "qat_int8" else mode
+        if tfl_mode == "int8" and rep is None:
+            raise ExportError("int8 export needs the training split for representative samples")
+        path.write_bytes(convert(ref_model, tfl_mode, rep))
+        tfl_p = _tflite_predict(path, x_hold)
+        diff = float(np.max(np.abs(tfl_p[:n_par] - ref_p[:n_par]))) if n_par else 0.0
+        auc = split_auc(cfg, holdout, tfl_p)
+        ok = diff <= TOLERANCE[mode]
+        checks[mode] = {"max_abs_diff_vs_keras": diff, "tolerance": TOLERANCE[mode], "ok": ok,
+                        "parity_samples": n_par, "holdout_auc": auc, "auc_delta_vs_fp32_keras": auc - fp32_auc,
+                        "size_bytes": path.stat().st_size}
+        if not ok:
+            log.warning("%s: TFLite differs from Keras by %.3g > %.3g", name, diff, TOLERANCE[mode])
+        artifacts.append(Artifact(path=name, format="tflite", precision=_PRECISION[mode], sha256=sha256_path(path),
+                                  input_dtype="int8" if tfl_mode == "int8" else "float32"))
+    all_metrics = {"holdout_auc_fp32_keras": fp32_auc, **(metrics or {})}
+    for mode, c in checks.items():
+        all_metrics[f"holdout_auc_{mode}"] = float(c["holdout_auc"])
+        if mode in ("int8", "qat_int8"):
+            all_metrics[f"{mode}_auc_delta_vs_fp32"] = float(c["auc_delta_vs_fp32_keras"])
+    manifest = build_manifest(cfg, artifacts, ARTIFACT_NAMES[default], threshold, all_metrics)
+    write_manifest(manifest, model_dir)
+    (model_dir / "export_checks.json").write_text(json.dumps(checks, indent=2), encoding="utf-8")
+    result = ExportResult(model_dir, manifest, checks)
+    log.info("exported %s to %s: %s; checks %s", cfg.name, model_dir, [a.path for a in artifacts],
+             "ok" if result.ok else "FAILED")
+    return result
+
+
+def build_manifest(
+    cfg: TrainConfig, artifacts: list[Artifact], default_path: str, threshold: float, metrics: dict[str, float]
+) -> Manifest:
+    """The node's manifest for an export of ``cfg``."""
+    from medclf_node import __version__
+
+    spec = cfg.preprocess
+    default = next(a for a in artifacts if a.path == default_path)
+    return Manifest(
+        name=cfg.name,
+        version=cfg.version,
+        description=f"{cfg.model.family} {spec.mode} classifier of {cfg.export.finding.meaning}",
+        labels=Labels(finding=cfg.export.finding),
+        input=InputSpec(shape=(*spec.input_shape, spec.channels), layout="NDHWC" if spec.mode == "3d" else "NHWC",
+                        dtype=default.input_dtype),
+        preprocessing=spec,
+        output=OutputSpec(kind="probability", positive_index=0),
+        aggregation=None if spec.mode == "3d" else cfg.evaluate.aggregation,
+        threshold=float(np.clip(threshold, 0.0, 1.0)),
+        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+        artifacts=tuple(artifacts),
+        default_artifact=default_path,
+        provenance=Provenance(dataset=cfg.export.dataset_description, seed=cfg.fit.seed,
+                              command=shlex.join(sys.argv)),
+        training_package_version=__version__,
+    )

@@ -1,0 +1,40 @@
+"""Building blocks shared by the model families."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+from training.tfenv import keras, tf
+
+log = logging.getLogger(__name__)
+layers = keras.layers
+
+
+def classification_head(x: tf.Tensor, dropout: float, name: str = "head") -> tf.Tensor:
+    """Dropout + one sigmoid unit, computed in float32 even under a mixed-precision policy.
+
+    A float32 output keeps the loss and probabilities numerically sane with bf16/fp16 bodies and
+    gives the exported models a float32 output tensor.
+    """
+    if dropout > 0:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    x = layers.Dense(1, name=f"{name}_logit", dtype="float32")(x)
+    return layers.Activation("sigmoid", name="probability", dtype="float32")(x)
+
+
+def num_stages(spatial: Sequence[int], min_feature_size: int, max_stages: int) -> int:
+    """How many stride-2 stages fit before the smallest spatial size drops to ``min_feature_size``."""
+    smallest = min(spatial)
+    if smallest <= min_feature_size:
+        return 1
+    return max(1, min(max_stages, int(math.floor(math.log2(smallest / min_feature_size)))))
+
+
+def conv_bn_relu(x: tf.Tensor, filters: int, kernel: int, strides: int, name: str, dims: int = 2) -> tf.Tensor:
+    """Conv (no bias) -> BatchNorm -> ReLU; the pattern every converter and tfmot fold cleanly."""
+    conv = layers.Conv2D if dims == 2 else layers.Conv3D
+    x = conv(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)

@@ -1,0 +1,61 @@
+"""Model configuration: which architecture to build and its width/depth knobs.
+
+The input shape and channel count never appear here: they come from the preprocess spec, so a
+model is always built for exactly the tensors the data pipeline (and the node) produce.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelFamily = Literal["efficientnet", "cnn2d", "multiscale2d", "cnn3d_cbam", "densenet3d"]
+
+FAMILY_DIMS: dict[str, int] = {
+    "efficientnet": 2,
+    "cnn2d": 2,
+    "multiscale2d": 2,
+    "cnn3d_cbam": 3,
+    "densenet3d": 3,
+}
+
+
+class ModelConfig(BaseModel):
+    """Architecture choice and its hyper-parameters (TOML table ``[model]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: ModelFamily = Field("cnn2d", description="Architecture family.")
+    efficientnet_variant: Literal["B0", "B1", "B2", "B3"] = Field(
+        "B0", description="EfficientNet size (family 'efficientnet' only)."
+    )
+    weights: Path | None = Field(
+        None,
+        description="Local weights file (.h5) for the EfficientNet backbone, loaded by layer name; layers "
+        "whose shapes differ (e.g. the stem when channels != 3) keep their random init.",
+    )
+    base_filters: int = Field(16, ge=1, description="Filters of the first stage (cnn2d, multiscale2d, cnn3d_cbam).")
+    max_stages: int = Field(5, ge=1, le=8, description="Upper bound on the number of stride-2 stages.")
+    min_feature_size: int = Field(
+        4, ge=1, description="Stop adding stride-2 stages when the smallest spatial size reaches this."
+    )
+    cbam_reduction: int = Field(8, ge=1, description="Channel-attention MLP reduction ratio (cnn3d_cbam).")
+    growth_rate: int = Field(32, ge=1, description="DenseNet growth rate k (densenet3d).")
+    block_config: tuple[int, ...] = Field(
+        (6, 12, 24, 16), min_length=1, description="Dense layers per block; (6,12,24,16) is DenseNet-121."
+    )
+    compression: float = Field(0.5, gt=0, le=1, description="DenseNet transition compression.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output layer.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.weights is not None and self.family != "efficientnet":
+            raise ValueError("model.weights is only supported for family 'efficientnet'")
+        return self
+
+    @property
+    def dims(self) -> int:
+        """2 for slice classifiers, 3 for volume classifiers."""
+        return FAMILY_DIMS[self.family]

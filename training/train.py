@@ -1,0 +1,304 @@
+"""Fit loop: precision policy, distribution strategy, class weights, LR schedule, callbacks.
+
+Data arrives as :class:`Split` objects (an unbatched, deterministic ``tf.data`` dataset of
+``(x, y)`` plus the labels and series ids in the same order) so this module does not care whether
+the examples come from TFRecords or from memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from training.modeling.factory import build_model
+from training.schedules import WarmupCosine
+from training.tfenv import gpu_available, keras, tf
+from training.train_config import FitSection, TrainConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "best.weights.h5"
+CONFIG_FILE = "train_config.json"
+HISTORY_FILE = "history.csv"
+DONE_FILE = "fit_result.json"  # written last: its presence means the run finished (resumable pipelines)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One data split: ``dataset`` yields unbatched ``(x, y)`` in the order of ``labels``/``series_ids``."""
+
+    dataset: tf.data.Dataset
+    labels: npt.NDArray[np.int64]
+    series_ids: npt.NDArray[np.str_]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @classmethod
+    def from_arrays(
+        cls, x: npt.NDArray[np.float32], y: npt.ArrayLike, series_ids: npt.ArrayLike | None = None
+    ) -> Split:
+        """An in-memory split (tests, small experiments)."""
+        labels = np.asarray(y, dtype=np.int64).reshape(-1)
+        ids = np.asarray(series_ids if series_ids is not None else np.arange(len(labels)).astype(str))
+        ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), labels.astype(np.float32)))
+        return cls(ds, labels, ids.astype(str))
+
+    @classmethod
+    def from_tfrecords(cls, tfrecord_dir: Path, patients: Sequence[str]) -> Split:
+        """The samples of ``patients`` from ``convert``'s shards, in shard order; series id = case id."""
+        from training.data.convert import load_summary
+        from training.data.pipeline import describe
+        from training.data.tfrecords import parse_example
+
+        info = describe(tfrecord_dir, patients)
+        wanted = tf.constant(list(info.patients))
+        summary = load_summary(tfrecord_dir)
+        raw = tf.data.TFRecordDataset([str(f) for f in info.files], compression_type=summary.get("compression") or None)
+        parsed = raw.map(lambda r: parse_example(r, info.image_shape)).filter(
+            lambda ex: tf.reduce_any(tf.equal(ex["patient_id"], wanted))
+        )
+        meta = list(parsed.map(lambda ex: (ex["label"], ex["case_id"])).as_numpy_iterator())
+        labels = np.array([int(m[0]) for m in meta], dtype=np.int64)
+        ids = np.array([m[1].decode("utf-8") for m in meta], dtype=str)
+        ds = parsed.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.float32)))
+        return cls(ds, labels, ids)
+
+
+@dataclass
+class TrainResult:
+    """What a fit produced."""
+
+    run_dir: Path
+    best_val_auc: float
+    epochs_run: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.run_dir / WEIGHTS_FILE
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def resolve_precision(name: str) -> str:
+    """'auto' -> mixed_float16 on GPU, mixed_bfloat16 on CPU; anything else is returned unchanged."""
+    if name != "auto":
+        return name
+    return "mixed_float16" if gpu_available() else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def precision_policy(name: str) -> Iterator[str]:
+    """Set the global Keras dtype policy for model building inside the block, then restore it."""
+    resolved = resolve_precision(name)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(resolved)
+    try:
+        yield resolved
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def strategy_from_env(name: str = "auto") -> tf.distribute.Strategy:
+    """MultiWorkerMirrored when TF_CONFIG is set, Mirrored with several GPUs, else the default strategy."""
+    if name == "multi_worker" or (name == "auto" and os.environ.get("TF_CONFIG")):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief() -> bool:
+    """True on the worker that writes checkpoints (no TF_CONFIG, the chief, or worker 0 without chief)."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = tf_config.get("task", {})
+    kind, index = task.get("type", "chief"), task.get("index", 0)
+    has_chief = "chief" in tf_config.get("cluster", {})
+    return bool(kind == "chief" or (kind == "worker" and index == 0 and not has_chief))
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def class_weights(labels: npt.ArrayLike) -> dict[int, float]:
+    """Balanced weights n / (2 * n_c) for classes 0 and 1 (both 1.0 when a class is absent: nothing to balance)."""
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    counts = {c: int(np.sum(y == c)) for c in (0, 1)}
+    if not all(counts.values()):
+        log.warning("class weights: the training split has only one class (%s); using 1.0", counts)
+        return {0: 1.0, 1: 1.0}
+    return {c: float(len(y) / (2.0 * n_c)) for c, n_c in counts.items()}
+
+
+def make_schedule(fit: FitSection, steps_per_epoch: int) -> WarmupCosine:
+    """Warmup + cosine (with restarts when ``restart_epochs`` > 0) in optimizer steps."""
+    total = max(1, fit.epochs * steps_per_epoch)
+    warmup = min(total, int(round(fit.warmup_epochs * steps_per_epoch)))
+    return WarmupCosine(
+        peak=fit.learning_rate,
+        total_steps=total,
+        warmup_steps=warmup,
+        alpha=fit.min_lr_ratio,
+        restart_steps=int(round(fit.restart_epochs * steps_per_epoch)),
+        t_mul=fit.restart_t_mul,
+        m_mul=fit.restart_m_mul,
+    )
+
+
+def compile_model(model: keras.Model, fit: FitSection, schedule: Any) -> None:
+    """AdamW + binary cross-entropy; AUC/PR-AUC unweighted and class-weighted."""
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=fit.weight_decay)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc")],
+        weighted_metrics=[
+            keras.metrics.AUC(name="weighted_auc"),
+            keras.metrics.BinaryAccuracy(name="weighted_accuracy"),
+        ],
+    )
+
+
+def batched(split: Split, batch_size: int, *, shuffle: int = 0, seed: int = 0) -> tf.data.Dataset:
+    """Batch (and optionally shuffle/repeat) a split for fitting or prediction."""
+    ds = split.dataset
+    if shuffle:
+        ds = ds.shuffle(min(shuffle, max(1, len(split))), seed=seed, reshuffle_each_iteration=True).repeat()
+    return ds.batch(batch_size, drop_remainder=bool(shuffle)).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_split(model: keras.Model, split: Split, batch_size: int = 64) -> npt.NDArray[np.float32]:
+    """P(positive) for every example of ``split``, in order."""
+    xs = split.dataset.map(lambda x, y: x).batch(batch_size)
+    return np.asarray(model.predict(xs, verbose=0), np.float32).reshape(-1)
+
+
+def save_config(cfg: TrainConfig, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    path.write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
+    return path
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The training config saved with a run (what export/evaluate rebuild the model from)."""
+    return TrainConfig.model_validate_json((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def load_trained_model(run_dir: Path) -> keras.Model:
+    """Rebuild the run's architecture in float32 and load its best weights (export wants fp32 graphs)."""
+    cfg = load_run_config(run_dir)
+    with precision_policy("float32"):
+        model = build_model(cfg.model, cfg.preprocess)
+    model.load_weights(str(Path(run_dir) / WEIGHTS_FILE))
+    return model
+
+
+# --- the fit -------------------------------------------------------------------------------
+
+
+def fit(
+    cfg: TrainConfig, train: Split, val: Split, run_dir: Path, train_ds: tf.data.Dataset | None = None
+) -> TrainResult:
+    """Train ``cfg.model`` on ``train``, checkpoint on best val AUC, write logs under ``run_dir``.
+
+    ``train_ds``: an already batched, repeating training dataset (e.g. the data pipeline's, with
+    augmentation and balancing) used instead of shuffling ``train``; ``train`` still supplies
+    the labels for class weights and the epoch length.
+    """
+    fitc = cfg.fit
+    keras.utils.set_random_seed(fitc.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    strategy = strategy_from_env(fitc.strategy)
+    steps = fitc.steps_per_epoch or max(1, len(train) // fitc.batch_size)
+    with precision_policy(fitc.precision) as policy, strategy.scope():
+        model = build_model(cfg.model, cfg.preprocess)
+        compile_model(model, fitc, make_schedule(fitc, steps))
+    log.info("fit %s: policy %s, strategy %s, %d replicas, %d steps/epoch",
+             model.name, policy, type(strategy).__name__, strategy.num_replicas_in_sync, steps)
+    weights = class_weights(train.labels) if fitc.class_weights else None
+    ckpt_dir = run_dir if _is_chief() else run_dir / f"worker-tmp-{os.getpid()}"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(
+            str(ckpt_dir / WEIGHTS_FILE), monitor="val_auc", mode="max", save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=fitc.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE)),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+    ]
+    if train_ds is None:
+        train_ds = batched(train, fitc.batch_size, shuffle=cfg.data.shuffle_buffer, seed=fitc.seed)
+    hist = model.fit(
+        train_ds,
+        validation_data=batched(val, fitc.batch_size),
+        epochs=fitc.epochs,
+        steps_per_epoch=steps,
+        class_weight=weights,
+        callbacks=callbacks,
+        verbose=2,
+    )
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    best = max(history.get("val_auc", [float("nan")]))
+    result = TrainResult(run_dir, best, len(history.get("loss", [])), history)
+    (run_dir / DONE_FILE).write_text(
+        json.dumps({"best_val_auc": best, "epochs": result.epochs_run, "policy": policy}), encoding="utf-8"
+    )
+    log.info("fit done: %d epochs, best val AUC %.4f", result.epochs_run, best)
+    return result
+
+
+# --- cross-validation ----------------------------------------------------------------------
+
+
+def split_auc(cfg: TrainConfig, split: Split, scores: npt.NDArray[np.float32]) -> float:
+    """AUC at series level (node aggregation) for 2D models, per example for 3D models."""
+    from training.evaluate import aggregate_series, roc_auc
+
+    if cfg.preprocess.mode == "3d":
+        return roc_auc(split.labels, scores)
+    _, s, y = aggregate_series(split.series_ids, scores, split.labels, cfg.evaluate.aggregation)
+    return roc_auc(y, s)
+
+
+def cross_validate(
+    cfg: TrainConfig, fold_data: Callable[[int], tuple[Split, Split, tf.data.Dataset | None]], folds: int
+) -> dict[str, Any]:
+    """Fit one model per fold, score its validation fold; per-fold results and mean +- sd (ddof=1).
+
+    ``fold_data(k)`` returns (train, validation, optional batched training dataset) for fold ``k``.
+    Each fold is written to ``cfg.run_dir / "fold-k"``; the summary goes to ``cfg.run_dir / "cv.json"``.
+    """
+    rows = []
+    for k in range(folds):
+        train, val, train_ds = fold_data(k)
+        res = fit(cfg, train, val, cfg.run_dir / f"fold-{k}", train_ds)
+        model = load_trained_model(res.run_dir)
+        scores = predict_split(model, val)
+        rows.append({"fold": k, "val_auc": split_auc(cfg, val, scores), "best_epoch_val_auc": res.best_val_auc,
+                     "epochs": res.epochs_run, "n_train": len(train), "n_val": len(val)})
+        keras.backend.clear_session()
+        log.info("fold %d: validation AUC %.4f", k, rows[-1]["val_auc"])
+    aucs = np.array([r["val_auc"] for r in rows], dtype=np.float64)
+    summary = {"folds": rows, "val_auc_mean": float(np.nanmean(aucs)),
+               "val_auc_sd": float(np.nanstd(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+               "level": "series" if cfg.preprocess.mode != "3d" else "volume"}
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "cv.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log.info("cv: validation AUC %.4f +- %.4f over %d folds", summary["val_auc_mean"], summary["val_auc_sd"], folds)
+    return summary
