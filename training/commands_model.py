@@ -58,7 +58,8 @@ def _fold_data(cfg: Any, fold: int) -> tuple[Any, Any, Any]:
     d, splits = _splits(cfg)
     train_p, val_p = splits.fold(fold)
     train_ds, _ = make_dataset(d, patients=train_p, batch_size=cfg.fit.batch_size, training=True,
-                               seed=cfg.fit.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                               seed=cfg.fit.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                               augment_cfg=cfg.data.augment, balance=cfg.data.balance)
     return Split.from_tfrecords(d, train_p), Split.from_tfrecords(d, val_p), train_ds
 
 

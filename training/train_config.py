@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medclf_node.inference.manifest import Aggregation, CodeSpec
 from medclf_node.preprocess import PreprocessSpec
+from training.data.augment import AugmentConfig
 from training.modeling.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ class DataSection(_Section):
         None, description="Directory of TFRecord shards written by `medclf-train convert` (relative to the file)."
     )
     shuffle_buffer: int = Field(1024, ge=1, description="tf.data shuffle buffer (examples).")
+    augment: AugmentConfig | None = Field(
+        default_factory=AugmentConfig,
+        description="Training-time augmentation ([data.augment]: flips, rotation, contrast, brightness, "
+        "elastic deformation); a strength of 0 turns an operation off.",
+    )
+    balance: bool = Field(False, description="Draw positive and negative training samples 50/50.")
 
 
 class FitSection(_Section):
