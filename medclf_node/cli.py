@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -109,12 +110,19 @@ def _peer_arg(cfg: Config, name: str) -> tuple[str, str, int]:
     return p.ae_title, p.host, p.port
 
 
+def _peer_tls(cfg: Config, name: str) -> ssl.SSLContext | None:
+    """The TLS client context for a peer with ``tls = true`` (certificates from [tls]), else None."""
+    from medclf_node.net.tls import client_context
+
+    return client_context(cfg.tls) if cfg.peer(name).tls else None
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a configured peer."""
     from medclf_node.net.scu import Peer, SendError, echo
 
     cfg = _load(args)
-    peer = Peer(*_peer_arg(cfg, args.peer))
+    peer = Peer(*_peer_arg(cfg, args.peer), tls=_peer_tls(cfg, args.peer))
     try:
         status = echo(peer, local_ae=cfg.node.ae_title, timeout=cfg.dispatch.timeout_seconds)
     except SendError as exc:
@@ -146,7 +154,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
             ok, text = False, f"FAILED: {exc}"
         return ok, text, (time.monotonic() - t0) * 1000.0
 
-    peers = [Peer(p.ae_title, p.host, p.port) for p in cfg.peers]
+    peers = [Peer(p.ae_title, p.host, p.port, tls=_peer_tls(cfg, p.name)) for p in cfg.peers]
     with ThreadPoolExecutor(max_workers=min(8, len(peers))) as pool:
         outcomes = list(pool.map(probe, peers))
     width = max(4, *(len(p.name) for p in cfg.peers))
@@ -164,7 +172,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from medclf_node.net.scu import Peer, SendError, expand_paths, send_files
 
     cfg = _load(args)
-    peer = Peer(*_peer_arg(cfg, args.to))
+    peer = Peer(*_peer_arg(cfg, args.to), tls=_peer_tls(cfg, args.to))
     files = expand_paths(args.paths)
     if not files:
         print("no files to send", file=sys.stderr)
@@ -247,6 +255,38 @@ def _args_retry(p: argparse.ArgumentParser) -> None:
     p.add_argument("series", nargs="*", help="series UIDs whose dead items to re-queue")
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole loop on loopback: synthetic studies in, SR + SC out, findings printed."""
+    from medclf_node.demo import DemoError, run_demo
+
+    models_dir = args.models if args.models is not None else _load(args).models.directory
+    if args.log_level is None:
+        logging.getLogger().setLevel(logging.WARNING)  # the demo narrates; the node stays quiet
+    try:
+        findings = run_demo(args.out, models_dir=models_dir, say=lambda m: print(m, flush=True))
+    except DemoError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(f"{'study':<14} {'truth':<12} {'finding':<30} {'p':>6}  {'state':<6} key image")
+    for f in findings:
+        truth = f"{f.truth_nodules} nodule(s)" if f.truth_nodules else "no nodule"
+        verdict = "-" if f.positive is None else ("PRESENT" if f.positive else "absent")
+        prob = "-" if f.probability is None else f"{f.probability:.3f}"
+        print(f"{f.patient_id:<14} {truth:<12} {f.finding or '-'}: {verdict:<9} {prob:>6}  {f.state:<6} "
+              f"{f.sc_png or '-'}")
+    agree = sum(f.agrees_with_truth for f in findings)
+    print(f"\n{agree}/{len(findings)} findings agree with the phantoms' ground truth; "
+          f"results took {findings[0].seconds:.1f} s from the first image sent. "
+          "AI result - not for primary diagnosis.")
+    return 0
+
+
+def _args_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("medclf-demo"), help="where SC PNGs and received objects go")
+    p.add_argument("--models", type=Path, default=None, help="models directory (default: the config's)")
+
+
 COMMANDS: dict[str, tuple[Command, str]] = {
     "config-check": (cmd_config_check, "validate a configuration file"),
     "serve": (cmd_serve, "run the node (C-STORE intake, completion, pipeline, dispatch)"),
@@ -255,6 +295,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "send": (cmd_send, "C-STORE files or folders to a configured peer"),
     "jobs": (cmd_jobs, "list series with state, model, score and timings"),
     "retry": (cmd_retry, "re-queue dead-lettered result objects"),
+    "demo": (cmd_demo, "push two synthetic studies through a temporary node and show the results"),
 }
 
 
@@ -279,6 +320,7 @@ EXTRA_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "send": _args_send,
     "jobs": _args_jobs,
     "retry": _args_retry,
+    "demo": _args_demo,
 }
 
 
