@@ -29,6 +29,8 @@ def setup_logging(level: str) -> None:
     )
     # pynetdicom logs every PDU at INFO/DEBUG, including patient attributes in some messages.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom narrates every module it copies (with UIDs) at INFO when building SR/SC objects.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def _load(args: argparse.Namespace) -> Config:
