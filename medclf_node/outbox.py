@@ -30,6 +30,7 @@ from pathlib import Path
 from medclf_node.config import Config
 from medclf_node.ingest.index import Index, OutboxItem
 from medclf_node.net.scu import Peer, SendError, send_files
+from medclf_node.net.tls import client_context
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Dispatcher:
                 log.error("%s %s: %s", item.kind, item.object_uid, why)
                 self.index.mark_dead(item.id, why)
                 return None
-        return p.name, Peer(p.ae_title, p.host, p.port)
+        return p.name, Peer(p.ae_title, p.host, p.port, tls=client_context(self.cfg.tls) if p.tls else None)
 
     def _done(self, batch: list[OutboxItem]) -> None:
         with self._lock:

@@ -82,7 +82,12 @@ def read_series_files(paths: Sequence[Path]) -> SeriesFiles:
     for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            # Convert every element now: pydicom converts lazily, so a corrupt VR or value would
+            # otherwise surface deep in reporting as an unexpected error (found by fuzzing).
+            for _elem in ds.iterall():
+                pass
+        except (InvalidDicomError, OSError, EOFError, ValueError, NotImplementedError, KeyError, TypeError,
+                OverflowError) as exc:
             raise StageError("unreadable", f"cannot read the header of {path.name}: {type(exc).__name__}") from exc
         if "SOPInstanceUID" not in ds:
             raise StageError("unreadable", f"{path.name} has no SOP Instance UID")

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from medclf_node.config import LimitsSection
@@ -115,7 +114,8 @@ def parse_header(data: bytes) -> Header:
             "series_uid": str(ds.get("SeriesInstanceUID", "")),
             "transfer_syntax": str(meta.get("TransferSyntaxUID", "")),
         }
-    except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser failure means "cannot understand"
+        # (fuzzing found struct.error and pydicom's BytesLengthException besides the obvious ones)
         raise StoreError(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from exc
     for key, value in values.items():
         if not is_valid_uid(value.strip("\x00 ")):

@@ -63,7 +63,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, iter_pixels
 from scipy import ndimage
 
-from medclf_node.config import VolumeSection
+from medclf_node.config import LimitsSection, VolumeSection
 from medclf_node.domain import Volume
 from medclf_node.ingest.volume_headers import ERROR_CODES, SliceHeader, VolumeError, read_slice_headers
 
@@ -428,14 +428,36 @@ def _resample_z(
     return out, nearest
 
 
+def check_size(headers: Sequence[SliceHeader], limits: LimitsSection) -> None:
+    """Refuse ('too_large') before any pixel is decoded or any buffer allocated.
+
+    A crafted header (Rows = Columns = 65535, thousands of frames) would otherwise make
+    the float32 volume buffer, or a codec's output, exhaust memory.
+    """
+    for h in headers:
+        if h.rows * h.columns > limits.max_frame_pixels:
+            raise VolumeError("too_large", f"{h.path.name}: {h.rows} x {h.columns} pixels per frame exceed "
+                              f"limits.max_frame_pixels = {limits.max_frame_pixels}")
+    total = sum(h.rows * h.columns for h in headers)
+    if total > limits.max_series_voxels:
+        raise VolumeError("too_large", f"{len(headers)} frames, {total} voxels in all, exceed "
+                          f"limits.max_series_voxels = {limits.max_series_voxels}")
+
+
 def assemble_volume(
-    paths: Sequence[Path], policy: VolumeSection, *, headers: Sequence[SliceHeader] | None = None
+    paths: Sequence[Path],
+    policy: VolumeSection,
+    *,
+    headers: Sequence[SliceHeader] | None = None,
+    limits: LimitsSection | None = None,
 ) -> Volume:
     """Build the HU volume of one series from its instance files, or raise :class:`VolumeError`.
 
     ``headers`` may be passed when the caller already read them with :func:`read_slice_headers`.
+    ``limits`` (default: the ``[limits]`` defaults) caps the size before anything is decoded.
     """
     hdrs = list(headers) if headers is not None else read_slice_headers(paths)
+    check_size(hdrs, limits or LimitsSection())
     plan = _plan(hdrs, policy)
     vol = _load_pixels(plan.slices)
     notes = list(plan.notes)
@@ -472,5 +494,6 @@ __all__ = [
     "SliceHeader",
     "VolumeError",
     "assemble_volume",
+    "check_size",
     "read_slice_headers",
 ]

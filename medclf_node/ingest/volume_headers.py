@@ -59,6 +59,7 @@ ERROR_CODES = (
     "unsupported_pixels",  # colour or other non-greyscale images
     "decode_failed",  # truncated or undecodable pixel data
     "too_few_slices",  # fewer distinct positions than volume.min_slices
+    "too_large",  # Rows x Columns (x frames) over [limits]; checked from headers before decoding
 )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Protocol, cast
@@ -49,6 +50,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf_node.config import Config
 from medclf_node.ingest.spool import STATUS_OUT_OF_RESOURCES, STATUS_UNEXPECTED, Spool, StoreError
+from medclf_node.net.tls import server_context
 from medclf_node.retention import DiskWatermark
 from medclf_node.telemetry import Telemetry
 
@@ -87,15 +89,31 @@ class AssociationListener(Protocol):
 
 
 class NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket."""
+    """pynetdicom's threaded server with TCP_NODELAY on every accepted socket.
+
+    With TLS, the handshake runs in the connection's own thread (pynetdicom does it in the
+    acceptor, where one silent client would stop every other connection from being accepted).
+    """
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        client, address = self.socket.accept()  # type: ignore[union-attr]
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Without a timeout, a peer that stops in the middle of a PDU blocks the association's
         # reactor in recv() for ever (pynetdicom's idle abort cannot get through): slowloris.
         client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (OSError, ValueError) as exc:  # plain TCP, wrong CA, no client certificate, timeout
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 def _guard_dimse(assoc: Any, assoc_id: str) -> None:
@@ -184,7 +202,8 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self._on_aborted),  # connection lost without release/abort
         ]
         server = cast(NoDelayServer, self.ae.make_server(
-            (self.cfg.node.host, self.cfg.node.port), evt_handlers=handlers, server_class=NoDelayServer
+            (self.cfg.node.host, self.cfg.node.port), evt_handlers=handlers, server_class=NoDelayServer,
+            ssl_context=server_context(self.cfg.tls) if self.cfg.tls.enabled else None,
         ))
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it

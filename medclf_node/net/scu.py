@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,16 @@ class SendError(Exception):
 
 @dataclass(frozen=True)
 class Peer:
-    """Where to send: AE title, host, port (config.PeerSection fits this shape)."""
+    """Where to send: AE title, host, port (config.PeerSection fits this shape); ``tls``: use DICOM TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # net.tls.client_context(cfg.tls) for peers with tls = true
+
+    @property
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        return None if self.tls is None else (self.tls, self.host)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,8 @@ def echo(peer: Peer, *, local_ae: str, timeout: float = 30.0) -> int:
     """C-ECHO ``peer``; returns the status (0 = success).  Raises SendError if no association."""
     ae = _make_ae(local_ae, timeout)
     ae.add_requested_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS,
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
         raise SendError(_why_not(assoc, peer))
     try:
@@ -162,7 +169,8 @@ def send_files(
         ae = _make_ae(local_ae, timeout)
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(ctxs)]
         assoc = ae.associate(
-            peer.host, peer.port, ae_title=peer.ae_title, max_pdu=0, evt_handlers=_HANDLERS
+            peer.host, peer.port, ae_title=peer.ae_title, max_pdu=0, evt_handlers=_HANDLERS,
+            tls_args=peer.tls_args,
         )
         if not assoc.is_established:
             last_error = _why_not(assoc, peer)
