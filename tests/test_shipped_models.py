@@ -1,0 +1,96 @@
+"""The models shipped in models/: valid manifests, intact artifacts, honest cards, served without TensorFlow.
+
+The default model must load through the node's own registry in a process that never imports
+TensorFlow (the node's slim install), and must score a phantom with nodules above one without.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medclf_node.config import DEFAULT_MODELS_DIR, Config
+from medclf_node.inference.manifest import load_manifest, verify_artifacts
+
+MAX_BYTES = 10 * 1024 * 1024
+MODEL_DIRS = sorted(p.parent for p in DEFAULT_MODELS_DIR.glob("*/manifest.json"))
+DEFAULT_NAME = Config().models.default_model
+
+
+def test_default_model_is_shipped() -> None:
+    names = [load_manifest(d).name for d in MODEL_DIRS]
+    assert DEFAULT_NAME in names, f"no model named {DEFAULT_NAME!r} under {DEFAULT_MODELS_DIR} (found {names})"
+
+
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=[d.name for d in MODEL_DIRS])
+def test_manifest_valid_and_artifacts_match(model_dir: Path) -> None:
+    man = load_manifest(model_dir)
+    verify_artifacts(man, model_dir)  # every artifact present with its recorded sha256
+    assert man.name == model_dir.name
+    for art in man.artifacts:
+        target = model_dir / art.path
+        size = target.stat().st_size if target.is_file() else sum(p.stat().st_size for p in target.rglob("*"))
+        assert size < MAX_BYTES, f"{art.path} is {size} bytes"
+
+
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=[d.name for d in MODEL_DIRS])
+def test_model_card_carries_the_recipe_figures(model_dir: Path) -> None:
+    man = load_manifest(model_dir)
+    card = (model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    report = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))
+    assert "NOT for clinical use" in card
+    assert report["command"] and report["command"] in card
+    test = report["int8"]["test_series"]
+    assert f"{test['auc']:.4f} ({test['auc_ci95'][0]:.4f}-{test['auc_ci95'][1]:.4f})" in card
+    assert f"{report['int8_minus_fp32_test_auc']:+.4f}" in card
+    assert man.metrics["test_series_auc"] == pytest.approx(test["auc"])
+    assert man.threshold == pytest.approx(report["threshold"])
+    assert re.search(r"threshold.*chosen on the \*\*validation\*\*", card, re.IGNORECASE)
+
+
+_SERVE_AND_SCORE = r"""
+import json, sys
+from medclf_node.config import Config
+from medclf_node.inference.registry import ModelRegistry
+from medclf_node.inference.predict import predict_series
+from training.recipes.series_eval import EvalSeries
+from training.data.phantoms import make_phantom
+import numpy as np
+
+cfg = Config()
+reg = ModelRegistry.from_config(cfg)
+model = reg.get(cfg.models.default_model)
+out = {"artifact": model.artifact_path, "threshold": model.manifest.threshold, "pairs": []}
+for arg in sys.argv[1:]:
+    seed, size = map(int, arg.split(":"))
+    # 160 px: like the training data; 512 px at 0.7 x 0.7 x 2.5 mm: a real CT matrix, like the demo's
+    shape, spacing = ((100, 160, 160), None) if size == 160 else ((96, size, size), (2.5, 0.7, 0.7))
+    probs = []
+    for n in (2, 0):
+        ph = make_phantom(seed, shape=shape, spacing=spacing, nodules=n, radius_range_mm=(6.0, 12.0))
+        es = EvalSeries(ph.patient_id, seed, ph.label, np.rint(ph.hu).astype(np.int16), ph.spacing,
+                        np.zeros(1, np.uint8), np.zeros(1, bool))
+        probs.append(predict_series(model, es.volume(), heatmap=False).probability)
+    out["pairs"].append(probs)
+out["tensorflow_imported"] = any(m == "tensorflow" or m.startswith("tensorflow.") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_default_model_serves_without_tensorflow_and_ranks_nodules() -> None:
+    # Seeds 500000+ are outside every recipe split (train 100000+, val 200000+, test 300000+).
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVE_AND_SCORE, "500001:160", "500002:160", "500003:512"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["tensorflow_imported"] is False
+    assert res["artifact"].endswith(".tflite")
+    for with_nodules, without in res["pairs"]:
+        assert with_nodules > without, res

@@ -1,0 +1,1 @@
+"""Reproducible recipes that build the models shipped in ``models/`` (data -> train -> evaluate -> export)."""
