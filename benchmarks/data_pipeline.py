@@ -29,8 +29,8 @@ def _time(fn: Any) -> float:
 def bench_volume(tmp: Path) -> None:
     import pydicom
 
-    from training.data.dicom_writer import write_ct_series
-    from training.data.phantoms import make_phantom
+    from medclf_node.synthetic.dicom_writer import write_ct_series
+    from medclf_node.synthetic.phantoms import make_phantom
 
     box: dict[str, Any] = {}
     t_gen = _time(lambda: box.setdefault("p", make_phantom(1, shape=(300, 512, 512), spacing=(1.0, 0.7, 0.7))))
@@ -51,10 +51,10 @@ def bench_volume(tmp: Path) -> None:
 
 def bench_pipeline(tmp: Path, batches: int) -> None:
     from medclf_node.preprocess import PreprocessSpec, Window
+    from medclf_node.synthetic.phantoms import make_phantom
     from training.data.augment import AugmentConfig
     from training.data.config import ConvertConfig, ConvertSection, SampleSection
     from training.data.convert import convert
-    from training.data.phantoms import make_phantom
     from training.data.pipeline import make_dataset
     from training.data.synth import phantom_case
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from medclf_node.preprocess import PreprocessSpec, Window, slices_2d, volume_3d
+from medclf_node.synthetic.phantoms import make_phantom
 from training.data.config import ConvertConfig, ConvertSection, SampleSection, parse_convert_config
 from training.data.convert import SkipCase, convert, load_summary, samples_3d
-from training.data.phantoms import make_phantom
 from training.data.readers import Case, iter_dicom_cases
 from training.data.synth import iter_synthesize, phantom_case
 from training.data.tfrecords import read_examples, shard_of

@@ -13,8 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medclf_node.config import VolumeSection
 from medclf_node.ingest.volume import assemble_volume
-from training.data.dicom_writer import TRANSFER_SYNTAXES, default_origin, hu_to_stored, write_ct_series
-from training.data.phantoms import Phantom, make_phantom
+from medclf_node.synthetic.dicom_writer import TRANSFER_SYNTAXES, default_origin, hu_to_stored, write_ct_series
+from medclf_node.synthetic.phantoms import Phantom, make_phantom
 from training.data.truth import read_truth, truth_for_phantom, write_truth
 
 SHAPE = (12, 64, 64)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from medclf_node.preprocess import PreprocessSpec, Window
+from medclf_node.synthetic.phantoms import make_phantom
 from training.data.augment import AugmentConfig
 from training.data.config import ConvertConfig, ConvertSection
 from training.data.convert import convert
-from training.data.phantoms import make_phantom
 from training.data.splits import LeakageError, Splits, make_splits
 from training.data.synth import phantom_case
 from training.data.tfrecords import read_examples

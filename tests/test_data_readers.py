@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.dicom_writer import hu_to_stored
-from training.data.phantoms import Phantom, make_phantom
+from medclf_node.synthetic.dicom_writer import hu_to_stored
+from medclf_node.synthetic.phantoms import Phantom, make_phantom
 from training.data.readers import iter_cases, iter_dicom_cases, iter_luna16_cases, iter_nifti_cases
 from training.data.synth import iter_synthesize, write_index
 
@@ -123,7 +123,7 @@ def test_unknown_format(tmp_path: Path) -> None:
 
 
 def test_dicom_labels_csv_without_sidecar(tmp_path: Path) -> None:
-    from training.data.dicom_writer import write_ct_series
+    from medclf_node.synthetic.dicom_writer import write_ct_series
 
     ph = make_phantom(8, shape=(8, 32, 32), nodules=0)
     write_ct_series(ph.hu, ph.spacing, tmp_path / "a", patient_id="PAT-A", series_uid="1.2.3.4")

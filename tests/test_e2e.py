@@ -22,7 +22,7 @@ from conftest import SENDER_AE, free_port, needs_dcmtk, storescu
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 
 from medclf_node.net.receiver import StoringReceiver
-from training.data.dicom_writer import write_ct_series
+from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
 SPACING = (2.5, 3.5, 3.5)

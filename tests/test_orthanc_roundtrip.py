@@ -26,7 +26,7 @@ from conftest import NODE_AE, free_port
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 from orthanc import ORTHANC_AE, REQUIRE_ENV, Orthanc, require_orthanc, running_orthanc
 
-from training.data.dicom_writer import write_ct_series
+from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
 SPACING = (2.5, 3.5, 3.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data.phantoms import Phantom, default_spacing, make_phantom, slice_labels_for
+from medclf_node.synthetic.phantoms import Phantom, default_spacing, make_phantom, slice_labels_for
 
 SHAPE = (48, 96, 96)
 

@@ -13,14 +13,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 
 from medclf_node.config import Config, parse_config
 from medclf_node.inference.registry import ModelRegistry
 from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.pipeline import Pipeline, WorkerPool
-from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
-from training.data.dicom_writer import write_ct_series
+from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
 SPACING = (2.5, 3.5, 3.5)

@@ -383,7 +383,7 @@ def test_window_and_colormap() -> None:
 
 def test_sr_and_sc_from_series_written_by_training_dicom_writer(tmp_path: Path) -> None:
     """Sources as the node sees them: Part 10 files on disk, headers read without pixels."""
-    writer = pytest.importorskip("training.data.dicom_writer")
+    writer = pytest.importorskip("medclf_node.synthetic.dicom_writer")
     vol = ct_volume()
     paths = writer.write_ct_series(
         vol, (2.5, 5.0, 5.0), tmp_path / "ct", patient_id="PAT-002", patient_name="Müller^Anna",

@@ -59,7 +59,7 @@ from medclf_node.config import Config
 from medclf_node.inference.registry import ModelRegistry
 from medclf_node.inference.predict import predict_series
 from training.recipes.series_eval import EvalSeries
-from training.data.phantoms import make_phantom
+from medclf_node.synthetic.phantoms import make_phantom
 import numpy as np
 
 cfg = Config()

@@ -38,7 +38,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _args_synth(p: argparse.ArgumentParser) -> None:
-    from training.data.dicom_writer import TRANSFER_SYNTAXES
+    from medclf_node.synthetic.dicom_writer import TRANSFER_SYNTAXES
 
     p.add_argument("out_dir", type=Path, help="output folder (one sub-folder per patient)")
     p.add_argument("-n", "--count", type=int, default=20, help="number of phantoms (default 20)")
@@ -57,7 +57,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Write synthetic CT phantoms as DICOM series with ground-truth sidecars."""
     from tqdm import tqdm
 
-    from training.data.dicom_writer import TRANSFER_SYNTAXES
+    from medclf_node.synthetic.dicom_writer import TRANSFER_SYNTAXES
     from training.data.synth import iter_synthesize, write_index
 
     cases = list(

@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 
 from medclf_node.config import VolumeSection
 from medclf_node.ingest.volume import assemble_volume
-from training.data.phantoms import SLICE_LABEL_MIN_SECTION
+from medclf_node.synthetic.phantoms import SLICE_LABEL_MIN_SECTION
 from training.data.truth import TRUTH_FILENAME, SeriesTruth, read_truth
 
 log = logging.getLogger(__name__)

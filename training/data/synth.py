@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian
 
-from training.data.dicom_writer import default_origin, derived_uid, write_ct_series
-from training.data.phantoms import Phantom, default_spacing, make_phantom
+from medclf_node.synthetic.dicom_writer import default_origin, derived_uid, write_ct_series
+from medclf_node.synthetic.phantoms import Phantom, default_spacing, make_phantom
 from training.data.readers import Candidate, Case
 from training.data.truth import TRUTH_FILENAME, truth_for_phantom, write_truth
 

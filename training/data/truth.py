@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.data.dicom_writer import voxel_to_lps
-from training.data.phantoms import SLICE_LABEL_MIN_SECTION, Phantom
+from medclf_node.synthetic.dicom_writer import voxel_to_lps
+from medclf_node.synthetic.phantoms import SLICE_LABEL_MIN_SECTION, Phantom
 
 log = logging.getLogger(__name__)
 

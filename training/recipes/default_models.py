@@ -276,7 +276,7 @@ def _latency(model_dir: Path, size: RecipeSize, seed_offset: int) -> dict[str, A
     """Per-series CPU latency of the node's predictor (2 threads) for each artifact."""
     from medclf_node.inference.predict import predict_series
     from medclf_node.inference.registry import load_model
-    from training.data.phantoms import make_phantom
+    from medclf_node.synthetic.phantoms import make_phantom
     seed = SEED_BASES["latency"] + seed_offset
     ph = make_phantom(seed, shape=size.latency_shape, nodules=1)
     es = EvalSeries(ph.patient_id, seed, ph.label, np.rint(ph.hu).astype(np.int16), ph.spacing,
@@ -421,7 +421,7 @@ def run_recipe(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offse
         "fp32_test_series_auc": float(reports[FP32_FILE]["test_series"]["auc"]),
         "int8_minus_fp32_test_auc": float(delta),
     }
-    dataset = "synthetic chest CT phantoms (training.data.phantoms), nodule present/absent at series level"
+    dataset = "synthetic chest CT phantoms (medclf_node.synthetic.phantoms), nodule present/absent at series level"
     manifest = _build_manifest(artifacts=artifacts, threshold=threshold, aggregation=aggregation, metrics=metrics,
                                command=command, seed_offset=seed_offset, size_name=size_name, dataset=dataset)
     write_manifest(manifest, model_dir)

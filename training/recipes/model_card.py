@@ -91,7 +91,7 @@ The node serves the int8 artifact (`default_artifact`) with LiteRT only: TensorF
 
 ## Data
 
-Synthetic chest CT phantoms from `training.data.phantoms.make_phantom`: body outline, textured lungs
+Synthetic chest CT phantoms from `medclf_node.synthetic.phantoms.make_phantom`: body outline, textured lungs
 denser posteriorly, branching vessels (round in cross-section, so a nodule is not "any bright blob"),
 ribs, spine, sternum, heart, scanner blur and noise; solid and ground-glass nodules of radius
 {r_lo:g}-{r_hi:g} mm (log-uniform; the demo model is scoped to nodules of at least {2 * r_lo:g} mm diameter). Pixel spacing and slice thickness vary per phantom by +-{100 * splits['train']['spacing_jitter']:.0f}%

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from medclf_node.preprocess import PreprocessSpec, output_length, slices_2d
-from training.data.phantoms import SLICE_LABEL_MIN_SECTION, Phantom, make_phantom
+from medclf_node.synthetic.phantoms import SLICE_LABEL_MIN_SECTION, Phantom, make_phantom
 from training.data.synth import case_spacing
 
 log = logging.getLogger(__name__)
