@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -24,12 +23,12 @@ from medclf_node.inference.registry import ModelRegistry
 from medclf_node.ingest.index import SERIES_STATES, Index
 from medclf_node.ingest.series import CompletionTracker
 from medclf_node.ingest.spool import Spool
-from medclf_node.metrics import Metrics, readiness_checks, start_metrics_server
+from medclf_node.metrics import Metrics, MetricsServer, readiness_checks, start_metrics_server
 from medclf_node.net.scp import StoreSCP
 from medclf_node.outbox import Dispatcher
 from medclf_node.pipeline import Pipeline, WorkerPool
 from medclf_node.reporting import warm_up as warm_up_reporting
-from medclf_node.retention import DiskWatermark
+from medclf_node.retention import DiskWatermark, RetentionPolicy, RetentionService
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,33 @@ class Node:
         watermark = DiskWatermark(self.data_dir, cfg.retention.min_free_disk_mb)
         self.scp = StoreSCP(cfg, self.spool, self.tracker, telemetry=self.telemetry, watermark=watermark)
         self.dispatcher = Dispatcher(cfg, self.index, telemetry=self.telemetry)
-        self.models_ready: Callable[[], bool] = lambda: True  # build_node replaces it when models load
-        self._services: list[Service] = []
+        # Not ready while models load (k8s keeps traffic away); a store-only node needs none.
+        self._models_ready = not cfg.pipeline.enabled
+        self._health: MetricsServer | None = None
+        self._services: list[Service] = [
+            RetentionService(self.index, self.data_dir,
+                             RetentionPolicy(cfg.retention.spool_days, cfg.retention.delete_after_sent))
+        ]
         self._started: list[Service] = []
         self.port: int | None = None
+
+    def start_health(self) -> None:
+        """Serve /metrics, /healthz and /readyz (once); before models load, /readyz says not ready."""
+        if self._health is not None:
+            return
+        checks = readiness_checks(self.data_dir, index_ping=self.index.ping, models_loaded=lambda: self._models_ready)
+        self._health = start_metrics_server(self.cfg.metrics, self.telemetry.metrics, checks,
+                                            port_file=self.data_dir / METRICS_PORT_FILENAME)
+        if self._health is not None:
+            self._started.append(self._health)
+
+    def attach_models(self, registry: ModelRegistry) -> None:
+        """Run the pipeline with these loaded models; the node reports ready from now on."""
+        pipeline = Pipeline(self.cfg, self.index, registry, on_queued=self.dispatcher.wake, telemetry=self.telemetry)
+        self.add_service(WorkerPool(pipeline, workers=self.cfg.pipeline.workers,
+                                    poll_seconds=self.cfg.pipeline.poll_seconds, wake=self.series_completed))
+        self.telemetry.metrics.models_loaded.set(len(registry.names()))
+        self._models_ready = len(registry.names()) > 0
 
     def _series_complete(self, series_uid: str) -> None:
         """Wake the workers; record the completion (how, after how long) in metrics and audit."""
@@ -99,11 +121,7 @@ class Node:
         self.port = self.scp.start()
         self.dispatcher.start()
         self._started.append(self.dispatcher)
-        checks = readiness_checks(self.data_dir, index_ping=self.index.ping, models_loaded=self.models_ready)
-        server = start_metrics_server(self.cfg.metrics, self.telemetry.metrics, checks,
-                                      port_file=self.data_dir / METRICS_PORT_FILENAME)
-        if server is not None:
-            self._started.append(server)
+        self.start_health()
         for svc in self._services:
             svc.start()
             self._started.append(svc)
@@ -148,16 +166,11 @@ def build_node(cfg: Config) -> Node:
         log.warning("pipeline disabled: completed series are stored and wait in state 'complete'")
         return node
     try:
+        node.start_health()  # /healthz answers and /readyz says "not ready" while models load
         registry = ModelRegistry.from_config(cfg)
         warm_up_reporting()
     except BaseException:
-        node.index.close()
+        node.stop()
         raise
-    node.telemetry.metrics.models_loaded.set(len(registry.names()))
-    node.models_ready = lambda: len(registry.names()) > 0
-    pipeline = Pipeline(cfg, node.index, registry, on_queued=node.dispatcher.wake, telemetry=node.telemetry)
-    node.add_service(
-        WorkerPool(pipeline, workers=cfg.pipeline.workers, poll_seconds=cfg.pipeline.poll_seconds,
-                   wake=node.series_completed)
-    )
+    node.attach_models(registry)
     return node

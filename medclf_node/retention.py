@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from medclf_node.ingest.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +163,63 @@ def _remove_empty_dirs(start: Path, root: Path) -> None:
         except OSError:
             return  # not empty (or gone): stop climbing
         p = p.parent
+
+
+class RetentionService:
+    """Deletes the received instances of finished series, as ``[retention]`` says, once a minute.
+
+    * series in state ``sent`` (every result delivered): at once with ``delete_after_sent``,
+      otherwise after ``spool_days``;
+    * ``reported`` (results still queued), ``skipped`` and ``failed``: after ``spool_days``.
+
+    Only files under the spool are deleted; their index rows go with them, the series rows stay.
+    A late instance that re-opens a purged series is processed with what is still there.
+    """
+
+    def __init__(self, index: Index, data_dir: Path, policy: RetentionPolicy, *, interval_s: float = 60.0) -> None:
+        self.index = index
+        self.data_dir = Path(data_dir)
+        self.spool_root = self.data_dir / "spool"
+        self.policy = policy
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self, now: float | None = None) -> PurgeResult:
+        t = time.time() if now is None else now
+        rows = self.index.retention_candidates()
+        total = PurgeResult()
+        for all_sent in (True, False):
+            batch = [(path, ts) for _uid, state, path, ts in rows if (state == "sent") == all_sent]
+            if not batch:
+                continue
+            res = purge_spool(batch, root=self.spool_root, base=self.data_dir,
+                              older_than_s=self.policy.min_age_seconds(all_sent), now=t)
+            removed = [p.relative_to(self.data_dir).as_posix() for p in res.removed]
+            if removed:
+                self.index.forget_instances(removed)
+            total.deleted += res.deleted
+            total.missing += res.missing
+            total.kept += res.kept
+            total.refused += res.refused
+            total.errors += res.errors
+            total.bytes_freed += res.bytes_freed
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("retention pass failed; trying again later")
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

@@ -109,6 +109,9 @@ def test_storescu_to_sr_and_sc_at_destination(
                               capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0 and "Pulmonary nodule" in dump.stdout
 
+    rejected = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "MEDCLF", "127.0.0.1", str(node.port)],
+                              capture_output=True, text=True, timeout=30)
+    assert rejected.returncode != 0, "an unknown calling AE title is rejected"
     _check_metrics_and_audit(node, n_instances=sum(len(p) for p in series.values()))
 
     jobs = subprocess.run([sys.executable, "-m", "medclf_node.cli", "jobs", "--config", str(node.config)],
@@ -136,6 +139,7 @@ def _check_metrics_and_audit(node: Any, n_instances: int) -> None:
     }
     assert samples[("medclf_instances_received_total", ())] == n_instances
     assert samples[("medclf_associations_total", (("reason", "ok"), ("result", "accepted")))] >= 2
+    assert samples[("medclf_associations_total", (("reason", "calling_ae_not_allowed"), ("result", "rejected")))] == 1
     assert samples[("medclf_series_state", (("state", "sent"),))] == 2
     assert samples[("medclf_stage_seconds_count", (("stage", "inference"),))] == 2
     assert samples[("medclf_models_loaded", ())] == 1
@@ -143,6 +147,9 @@ def _check_metrics_and_audit(node: Any, n_instances: int) -> None:
     audit_text = (node.data_dir / "audit.jsonl").read_text()
     events = [json.loads(line) for line in audit_text.splitlines()]
     kinds = [(e["event"], e.get("action")) for e in events]
+    assert ("association", "accepted") in kinds
+    rejected = [e for e in events if e["event"] == "association" and e["action"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["calling_ae"] == "STRANGER"
     assert kinds.count(("series", "received")) == 2
     assert kinds.count(("series", "completed")) == 2
     assert kinds.count(("model_run", None)) == 2

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from medclf_node.config import parse_config
-from medclf_node.retention import MB, DiskWatermark, RetentionPolicy, free_disk_ok, purge_spool
+from medclf_node.ingest.index import Index
+from medclf_node.retention import MB, DiskWatermark, RetentionPolicy, RetentionService, free_disk_ok, purge_spool
 
 DAY = 86400.0
 
@@ -110,3 +112,47 @@ def test_purge_reports_permission_errors(tmp_path: Path) -> None:
     finally:
         f.parent.chmod(0o700)
     assert [p for p, _ in result.errors] == [f] and f.exists()
+
+
+def _spooled_series(tmp_path: Path, name: str, n: int = 3) -> tuple[Index, str, list[Path]]:
+    from intake_series import write_ct_series
+
+    from medclf_node.ingest.spool import Spool
+
+    data = tmp_path / "data"
+    index = Index(data)
+    spool = Spool(data, index, durable=False)
+    uid = ""
+    for p in write_ct_series(tmp_path / name, n, 16, 16, seed=len(name)):
+        uid = spool.store(p.read_bytes(), calling_ae="SCANNER", assoc_id="a").record.series_uid
+    return index, uid, index.series_paths(uid)
+
+
+def test_service_purges_sent_series_at_once_and_others_after_spool_days(tmp_path: Path) -> None:
+    index, sent_uid, sent_paths = _spooled_series(tmp_path, "sent")
+    _, failed_uid, failed_paths = _spooled_series(tmp_path, "failedseries")
+    _, open_uid, open_paths = _spooled_series(tmp_path, "stillreceiving")
+    index.set_series_state(sent_uid, "sent")
+    index.set_series_state(failed_uid, "failed", "gap", "a gap")
+    svc = RetentionService(index, tmp_path / "data", RetentionPolicy(spool_days=1.0, delete_after_sent=True))
+
+    first = svc.run_once()
+    assert sorted(first.deleted) == sorted(sent_paths)
+    assert not any(p.exists() for p in sent_paths)
+    assert all(p.exists() for p in failed_paths + open_paths), "failed: kept for spool_days; open: never"
+    assert index.series_paths(sent_uid) == []
+    row = index.get_series(sent_uid)
+    assert row is not None and row.state == "sent" and row.n_instances == 3, "history stays for `jobs`"
+
+    later = svc.run_once(now=time.time() + 2 * 86400)
+    assert sorted(later.deleted) == sorted(failed_paths)
+    assert all(p.exists() for p in open_paths)
+    assert not (tmp_path / "data" / "spool" / index.get_series(failed_uid).study_uid / failed_uid).exists()  # type: ignore[union-attr]
+
+
+def test_service_keeps_sent_series_when_configured(tmp_path: Path) -> None:
+    index, uid, paths = _spooled_series(tmp_path, "keep")
+    index.set_series_state(uid, "sent")
+    svc = RetentionService(index, tmp_path / "data", RetentionPolicy(spool_days=7.0, delete_after_sent=False))
+    assert svc.run_once().deleted == []
+    assert all(p.exists() for p in paths)

@@ -482,6 +482,24 @@ class Index:
         """The index answers a query (readiness)."""
         return bool(self._query("SELECT 1"))
 
+    def retention_candidates(self) -> list[tuple[str, str, str, float]]:
+        """``(series_uid, state, path, finished_at)`` for every instance of a finished series."""
+        marks = ",".join("?" for _ in FINISHED_STATES)
+        rows = self._query(
+            f"SELECT s.series_uid, s.state, i.path, s.updated_at FROM instances i JOIN series s"
+            f" ON s.series_uid = i.series_uid WHERE s.state IN ({marks})",
+            tuple(sorted(FINISHED_STATES)),
+        )
+        return [(str(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+
+    def forget_instances(self, paths: Sequence[str]) -> int:
+        """Drop the index rows of deleted spool files (paths relative to data_dir).
+
+        The series rows stay (``jobs`` keeps the history; ``n_instances`` keeps what was received).
+        """
+        with self._tx() as c:
+            return sum(c.execute("DELETE FROM instances WHERE path=?", (p,)).rowcount for p in paths)
+
     def reset_processing_on_startup(self) -> int:
         """After a crash/restart: every ``processing`` series goes back to ``complete``.
 
