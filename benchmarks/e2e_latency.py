@@ -48,6 +48,7 @@ def free_port() -> int:
 
 
 def start_node(work: Path, models: Path, model: str, pacs_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    work.mkdir(parents=True, exist_ok=True)
     cfg = work / "node.toml"
     cfg.write_text(
         f"""
@@ -93,12 +94,8 @@ def stage_times(data_dir: Path, series_uid: str) -> dict[str, float]:
     with sqlite3.connect(data_dir / "index.sqlite") as c:
         row = c.execute("SELECT timings_json, completed_at, last_at FROM series WHERE series_uid=?",
                         (series_uid,)).fetchone()
-        sent = c.execute("SELECT MAX(sent_at) FROM outbox WHERE series_uid=? AND kind='SR'", (series_uid,)).fetchone()
-        done = c.execute("SELECT MAX(updated_at) FROM series WHERE series_uid=?", (series_uid,)).fetchone()
     t = {k.split(":")[0]: v for k, v in json.loads(row[0] or "{}").items()}
     t["completion (last image -> complete)"] = round(row[1] - row[2], 3)
-    if sent[0] is not None and done[0] is not None:
-        t["send (reported -> SR sent)"] = round(max(0.0, sent[0] - done[0]), 3)
     return t
 
 
@@ -142,8 +139,10 @@ def main() -> int:
                 latencies.append(latency)
                 uid = str(dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID)
                 stages = stage_times(work / "node" / "data", uid)
+                dispatch = latency - stages.get("total", 0.0) - stages["completion (last image -> complete)"]
                 print(f"run {i + 1}: release -> SR at destination {latency:.2f} s; node stages (s): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)
+                      + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                      + f", claim + dispatch + network (the rest) {dispatch:.2f}", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
