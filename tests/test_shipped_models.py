@@ -45,9 +45,11 @@ def test_model_card_carries_the_recipe_figures(model_dir: Path) -> None:
     report = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))
     assert "NOT for clinical use" in card
     assert report["command"] and report["command"] in card
-    test = report["int8"]["test_series"]
+    served = report["int8"] if "int8" in report else report["served"]  # 2.5D: int8; 3D: the fp16 default
+    test = served["test_series"]
     assert f"{test['auc']:.4f} ({test['auc_ci95'][0]:.4f}-{test['auc_ci95'][1]:.4f})" in card
-    assert f"{report['int8_minus_fp32_test_auc']:+.4f}" in card
+    delta_key = "int8_minus_fp32_test_auc" if "int8" in report else "fp16_minus_fp32_test_auc"
+    assert f"{report[delta_key]:+.4f}" in card
     assert man.metrics["test_series_auc"] == pytest.approx(test["auc"])
     assert man.threshold == pytest.approx(report["threshold"])
     assert re.search(r"threshold.*chosen on the \*\*validation\*\*", card, re.IGNORECASE)
@@ -62,11 +64,16 @@ from training.recipes.series_eval import EvalSeries
 from medclf_node.synthetic.phantoms import make_phantom
 import numpy as np
 
-cfg = Config()
-reg = ModelRegistry.from_config(cfg)
-model = reg.get(cfg.models.default_model)
+if sys.argv[1] == "default":
+    cfg = Config()
+    reg = ModelRegistry.from_config(cfg)
+    model = reg.get(cfg.models.default_model)
+else:  # one model directory, loaded with its default artifact
+    from pathlib import Path
+    from medclf_node.inference.registry import load_model
+    model = load_model(Path(sys.argv[1]), threads=1)
 out = {"artifact": model.artifact_path, "threshold": model.manifest.threshold, "pairs": []}
-for arg in sys.argv[1:]:
+for arg in sys.argv[2:]:
     seed, size = map(int, arg.split(":"))
     # 160 px: like the training data; 512 px at 0.7 x 0.7 x 2.5 mm: a real CT matrix, like the demo's
     shape, spacing = ((100, 160, 160), None) if size == 160 else ((96, size, size), (2.5, 0.7, 0.7))
@@ -85,12 +92,30 @@ print(json.dumps(out))
 def test_default_model_serves_without_tensorflow_and_ranks_nodules() -> None:
     # Seeds 500000+ are outside every recipe split (train 100000+, val 200000+, test 300000+).
     proc = subprocess.run(
-        [sys.executable, "-c", _SERVE_AND_SCORE, "500001:160", "500002:160", "500003:512"],
+        [sys.executable, "-c", _SERVE_AND_SCORE, "default", "500001:160", "500002:160", "500003:512"],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["tensorflow_imported"] is False
     assert res["artifact"].endswith(".tflite")
+    for with_nodules, without in res["pairs"]:
+        assert with_nodules > without, res
+
+
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=[d.name for d in MODEL_DIRS])
+def test_every_model_default_artifact_serves_without_tensorflow(model_dir: Path) -> None:
+    """Each shipped model's default artifact (int8 2.5D, fp16 3D) runs on LiteRT alone and ranks nodules."""
+    man = load_manifest(model_dir)
+    default = next(a for a in man.artifacts if a.path == man.default_artifact)
+    assert default.format == "tflite", "the default artifact must serve on the slim (LiteRT-only) node"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVE_AND_SCORE, str(model_dir), "500011:160", "500013:512"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["tensorflow_imported"] is False
+    assert res["artifact"].endswith(man.default_artifact)
     for with_nodules, without in res["pairs"]:
         assert with_nodules > without, res

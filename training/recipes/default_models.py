@@ -498,6 +498,24 @@ def _json_default(o: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _main_3d(args: argparse.Namespace) -> int:
+    """``--model 3d``: the nodule-3d-cbam recipe (training.recipes.model_3d)."""
+    from training.recipes.model_3d import run_recipe_3d
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result_args = ["--out", str(args.out), "--model", "3d"] + (["--tiny"] if args.tiny else [])
+    result_args += ["--seed-offset", str(args.seed_offset)] if args.seed_offset else []
+    command = shlex.join(["python", "-m", "training.recipes.default_models", *result_args])
+    kw: dict[str, Any] = {"tiny": args.tiny, "seed_offset": args.seed_offset, "workers": args.workers or 1,
+                          "threads": args.threads, "command": command}
+    if args.work_dir is not None:
+        run_recipe_3d(args.out, args.work_dir, **kw)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medclf-recipe3d-") as tmp:
+            run_recipe_3d(args.out, Path(tmp), **kw)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``python -m training.recipes.default_models [--tiny] [--out DIR]``."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -507,7 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="Same code path on tiny data, 1 epoch (for tests).")
     p.add_argument("--seed-offset", type=int, default=0, help="Shift every split's seed range.")
     p.add_argument("--workers", type=int, default=None, help="Processes rendering phantoms (default 2).")
+    p.add_argument("--model", choices=("2.5d", "3d"), default="2.5d",
+                   help="Which shipped model: 2.5d (nodule-2p5d-int8) or 3d (nodule-3d-cbam).")
+    p.add_argument("--threads", type=int, default=1, help="TensorFlow intra/inter-op threads (3d recipe).")
     args = p.parse_args(args_list)
+    if args.model == "3d":
+        return _main_3d(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The reproducing command: only the options that change the result (not --work-dir / --workers).
     result_args = ["--out", str(args.out)] + (["--tiny"] if args.tiny else [])
