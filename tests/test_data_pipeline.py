@@ -55,12 +55,14 @@ def test_training_dataset_deterministic_and_labels_kept(tfr: Path) -> None:
     c = _take(make_dataset(tfr, augment_cfg=aug, seed=2, **kw)[0], 4)
     plain = _take(make_dataset(tfr, augment_cfg=None, seed=1, **kw)[0], 4)
     for (xa, ya), (xb, yb), (xp, yp) in zip(a, b, plain, strict=True):
-        np.testing.assert_array_equal(xa, xb)
+        # same seed -> same samples and augmentation parameters; TF's threaded float kernels may
+        # differ in the last bit between runs (seen: 6e-8), so pixels are compared to 1e-6
+        np.testing.assert_allclose(xa, xb, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(ya, yb)
         assert xa.shape == xp.shape == (8, 24, 24, 1) and xa.dtype == np.float32
         np.testing.assert_array_equal(ya, yp)  # same order, augmentation never changes a label
         assert not np.array_equal(xa, xp)
-    assert not all(np.array_equal(x1, x2) for (x1, _), (x2, _) in zip(a, c, strict=True))
+    assert not all(np.allclose(x1, x2, rtol=0, atol=1e-3) for (x1, _), (x2, _) in zip(a, c, strict=True))
 
 
 def test_balanced_sampling(tfr: Path) -> None:
