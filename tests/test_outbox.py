@@ -19,33 +19,8 @@ from pydicom import dcmread
 
 from medclf_node.config import Config, parse_config
 from medclf_node.ingest.index import Index, InstanceRecord
+from medclf_node.net.receiver import StoringReceiver as Receiver
 from medclf_node.outbox import Dispatcher, backoff_seconds
-
-
-class Receiver:
-    """A pynetdicom C-STORE SCP that counts what it receives."""
-
-    def __init__(self, ae_title: str, port: int) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        self.received: Counter[str] = Counter()
-        self.port = port
-        ae = AE(ae_title=ae_title)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax)
-        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
-
-        def on_store(event: Any) -> int:
-            self.received[str(event.request.AffectedSOPInstanceUID)] += 1
-            return 0
-
-        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert server is not None
-        self.server = server
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 class BlackHole:
@@ -129,7 +104,7 @@ def test_destination_down_then_up_delivers_exactly_once(objects: tuple[Path, lis
         recv = Receiver("PACS", port)
         assert wait_for(lambda: {i.state for i in index.outbox_items()} == {"sent"}, 10)
         time.sleep(0.5)  # nothing further may arrive
-        assert recv.received == Counter({u: 1 for u in uids})
+        assert recv.counts == Counter({u: 1 for u in uids})
         assert index.get_series("7.7").state == "sent"  # type: ignore[union-attr]
     finally:
         disp.stop()
@@ -155,7 +130,7 @@ def test_dead_letter_then_cli_retry(objects: tuple[Path, list[str]], tmp_path: P
         assert s is not None and (s.state, s.reason_code) == ("failed", "dispatch_dead")
         recv = Receiver("PACS", port)
         time.sleep(0.3)
-        assert not recv.received  # dead items are not retried on their own
+        assert not recv.counts  # dead items are not retried on their own
         cfg_file = write_config(tmp_path / "retry.toml", {"node": {"data_dir": str(data)}, "peers": peers})
         out = subprocess.run([sys.executable, "-m", "medclf_node.cli", "retry", "--config", str(cfg_file), "--all"],
                              capture_output=True, text=True, timeout=60)
@@ -163,7 +138,7 @@ def test_dead_letter_then_cli_retry(objects: tuple[Path, list[str]], tmp_path: P
         assert "re-queued 2 item(s)" in out.stdout
         disp.wake()
         assert wait_for(lambda: {i.state for i in index.outbox_items()} == {"sent"}, 10)
-        assert recv.received == Counter({u: 1 for u in uids})
+        assert recv.counts == Counter({u: 1 for u in uids})
         assert index.get_series("7.7").state == "sent"  # type: ignore[union-attr]
     finally:
         disp.stop()
@@ -193,7 +168,7 @@ def test_hung_destination_does_not_block_others(objects: tuple[Path, list[str]])
 
         assert wait_for(lambda: states()["pacs"] == "sent", 10)
         assert time.monotonic() - t0 < 10  # far less than the hung peer's 20 s timeout
-        assert recv.received[uids[1]] == 1
+        assert recv.counts[uids[1]] == 1
         assert states() == {"hung": "queued", "pacs": "sent"}
     finally:
         hole.stop()
@@ -217,11 +192,11 @@ def test_sender_destination_resolution(objects: tuple[Path, list[str]]) -> None:
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
     disp.start()
     try:
-        assert wait_for(lambda: recv.received[uids[0]] == 1, 10)
+        assert wait_for(lambda: recv.counts[uids[0]] == 1, 10)
         assert wait_for(lambda: index.outbox_items("8.8")[0].state == "dead", 5)
         assert "STRANGER" in (index.outbox_items("8.8")[0].last_error or "")
         assert index.get_series("8.8").reason_code == "dispatch_dead"  # type: ignore[union-attr]
-        assert uids[1] not in recv.received
+        assert uids[1] not in recv.counts
     finally:
         disp.stop()
         recv.stop()
@@ -245,7 +220,7 @@ def test_cli_echo_and_send(tmp_path: Path) -> None:
         assert echo.returncode == 0 and "status 0x0000" in echo.stdout, echo.stderr
         sent = cli("send", "--to", "pacs", str(tmp_path / "s"))
         assert sent.returncode == 0 and "sent 3/3" in sent.stdout, sent.stderr
-        assert len(recv.received) == 3
+        assert len(recv.counts) == 3
     finally:
         recv.stop()
     down = subprocess.run([sys.executable, "-m", "medclf_node.cli", "echo", "pacs", "--config", str(cfg_file)],

@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class StoringReceiver:
-    """Listens on ``host:port`` as ``ae_title``; writes every instance to ``out_dir/<SOP UID>.dcm``.
+    """Listens on ``host:port`` as ``ae_title``; writes every instance to ``out_dir/<SOP UID>.dcm``
+    (with ``out_dir=None`` it only counts and keeps the datasets in memory).
 
     ``counts`` records how often each SOP Instance UID arrived, so duplicates are visible.
     """
 
-    def __init__(self, ae_title: str, port: int, out_dir: Path, *, host: str = "127.0.0.1") -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, ae_title: str, port: int, out_dir: Path | None = None, *, host: str = "127.0.0.1") -> None:
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.counts: Counter[str] = Counter()
         self.datasets: dict[str, Dataset] = {}
         self.paths: dict[str, Path] = {}
@@ -50,15 +52,18 @@ class StoringReceiver:
             ds = event.dataset
             ds.file_meta = event.file_meta
             uid = str(ds.SOPInstanceUID)
-            path = self.out_dir / f"{uid}.dcm"
-            ds.save_as(path, enforce_file_format=True)
+            path = None
+            if self.out_dir is not None:
+                path = self.out_dir / f"{uid}.dcm"
+                ds.save_as(path, enforce_file_format=True)
         except Exception:
             log.exception("receiver: cannot store an instance")
             return 0xC211
         with self._lock:
             self.counts[uid] += 1
             self.datasets[uid] = ds
-            self.paths[uid] = path
+            if path is not None:
+                self.paths[uid] = path
         return 0x0000
 
     def of_modality(self, modality: str) -> list[Dataset]:
