@@ -18,7 +18,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from medclf_node.inference.manifest import (
 )
 from medclf_node.preprocess import PreprocessSpec, Window
 from training.recipes.phantom_sets import (
+    RecipeSize,
     SampleSet,
     SplitPlan,
     build_samples,
@@ -73,24 +74,6 @@ AGGREGATION_CANDIDATES = (
     Aggregation(method="topk_mean", k=2),
     Aggregation(method="topk_mean", k=3),
 )
-
-
-@dataclass(frozen=True)
-class RecipeSize:
-    """Data and training sizes; FULL ships, TINY exercises the same path in seconds."""
-
-    train: int
-    val: int
-    test: int
-    train_shapes: tuple[tuple[int, int, int], ...]
-    test_shapes: tuple[tuple[int, int, int], ...]
-    negatives_per_series: int
-    epochs: int
-    batch_size: int
-    bootstrap: int
-    representative: int
-    latency_shape: tuple[int, int, int]
-    latency_repeats: int
 
 
 FULL = RecipeSize(

@@ -39,7 +39,7 @@ from medclf_node.inference.manifest import (
     write_manifest,
 )
 from medclf_node.preprocess import PreprocessSpec, Window, resample, volume_3d
-from training.recipes.phantom_sets import SplitPlan, parallel_map, phantom_for
+from training.recipes.phantom_sets import RecipeSize, SplitPlan, parallel_map, phantom_for
 from training.recipes.series_eval import EvalSeries
 
 log = logging.getLogger(__name__)
@@ -71,31 +71,14 @@ AUGMENT = {"flip_axes": (-1,), "flip_prob": 0.5, "rotate_deg": 0.0, "contrast": 
            "elastic_alpha": 0.0}
 
 
-@dataclass(frozen=True)
-class RecipeSize3D:
-    """Data and training sizes; FULL ships, TINY runs the same path in seconds."""
-
-    train: int
-    val: int
-    test: int
-    train_shapes: tuple[tuple[int, int, int], ...]
-    test_shapes: tuple[tuple[int, int, int], ...]
-    negatives_per_series: int
-    epochs: int
-    batch_size: int
-    bootstrap: int
-    latency_shape: tuple[int, int, int]
-    latency_repeats: int
-
-
-FULL_3D = RecipeSize3D(
+FULL_3D = RecipeSize(
     train=140, val=40, test=60,
     train_shapes=((100, 128, 128), (100, 192, 192)),
     test_shapes=((100, 128, 128), (100, 192, 192), (100, 256, 256)),
     negatives_per_series=3, epochs=4, batch_size=16, bootstrap=2000,
     latency_shape=(300, 512, 512), latency_repeats=3,
 )
-TINY_3D = RecipeSize3D(
+TINY_3D = RecipeSize(
     train=6, val=4, test=4,
     train_shapes=((40, 96, 96),), test_shapes=((40, 96, 96),),
     negatives_per_series=3, epochs=1, batch_size=8, bootstrap=50,
@@ -247,7 +230,7 @@ def _evaluate(val: list[EvalSeries], vs: list[float], test: list[EvalSeries], ts
     }
 
 
-def _latency(model_dir: Path, size: RecipeSize3D, seed_offset: int, threads: int) -> dict[str, Any]:
+def _latency(model_dir: Path, size: RecipeSize, seed_offset: int, threads: int) -> dict[str, Any]:
     """Per-series CPU latency of the node's predictor for each artifact (preprocessing included)."""
     from medclf_node.inference.predict import predict_series
     from medclf_node.inference.registry import load_model

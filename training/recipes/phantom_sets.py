@@ -215,3 +215,21 @@ def parallel_map(fn: Callable[[T], R], jobs: Sequence[T], workers: int) -> Itera
 
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class RecipeSize:
+    """Data and training sizes of a recipe; FULL ships, TINY exercises the same path in seconds."""
+
+    train: int
+    val: int
+    test: int
+    train_shapes: tuple[tuple[int, int, int], ...]
+    test_shapes: tuple[tuple[int, int, int], ...]
+    negatives_per_series: int
+    epochs: int
+    batch_size: int
+    bootstrap: int
+    latency_shape: tuple[int, int, int]
+    latency_repeats: int
+    representative: int = 0  # int8 calibration samples (2.5D recipe only)
