@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,22 @@ def test_3d_nets_have_no_3d_pooling(family: str) -> None:
     keras.backend.clear_session()
 
 
+@pytest.mark.parametrize(("family", "spec", "extra"), CASES, ids=[c[0] for c in CASES])
+def test_head_pooling_selects_the_global_pool(family: str, spec: PreprocessSpec, extra: dict[str, object]) -> None:
+    """``head_pooling='max'``: a global max layer feeds the head; 'avg' (default) keeps global average pooling."""
+    pooled = {
+        "max": ("GlobalMaxPooling2D", "GlobalMaxPooling3D"),
+        "avg": ("GlobalAveragePooling2D", "GlobalAveragePooling3D"),
+    }
+    for how, kinds in pooled.items():
+        model = build_model(ModelConfig(family=family, base_filters=4, head_pooling=how, **extra), spec)
+        producer = model.get_layer("head_logit").input._keras_history.layer
+        while type(producer).__name__ == "Dropout":
+            producer = producer.input._keras_history.layer
+        assert type(producer).__name__ in kinds, (how, type(producer).__name__)
+        keras.backend.clear_session()
+
+
 def test_cbam_keeps_shape_and_derives_width_from_channels() -> None:
     inp = keras.Input((4, 6, 6, 24))
     out = cbam_block(inp, reduction=8, name="t")
@@ -67,6 +85,40 @@ def test_3d_cnn_depth_follows_the_input_size() -> None:
     n_cbam = lambda m: sum(1 for la in m.layers if la.name.endswith("_cbam_mlp1"))  # noqa: E731
     assert n_cbam(small) == 1 and n_cbam(big) == 3  # log2(min spatial / 4) stages
     assert big.get_layer("stage2_cbam_mlp2").units == 4 * 2**3
+    keras.backend.clear_session()
+
+
+def test_cbam_inplane_stages_keep_the_slices() -> None:
+    """``inplane_stages=1``: stem and first stage convolve/downsample in-plane only; later stages are 3D."""
+    spec = PreprocessSpec(mode="3d", windows=WINDOWS, input_shape=(8, 32, 32))
+    model = build_model(ModelConfig(family="cnn3d_cbam", base_filters=4, min_feature_size=2, inplane_stages=1), spec)
+    assert model.get_layer("stem_conv").kernel_size == (1, 3, 3)
+    assert model.get_layer("stage0_down_conv").strides == (1, 2, 2)
+    assert model.get_layer("stage0_down_conv").kernel_size == (1, 3, 3)
+    assert model.get_layer("stage1_down_conv").strides == (2, 2, 2)
+    assert tuple(model.get_layer("stage0_cbam_sp_mul").output.shape[1:4]) == (8, 16, 16)  # z kept
+    assert tuple(model.get_layer("stage1_cbam_sp_mul").output.shape[1:4]) == (4, 8, 8)
+    plain = build_model(ModelConfig(family="cnn3d_cbam", base_filters=4, min_feature_size=2), spec)
+    assert plain.get_layer("stage0_down_conv").strides == (2, 2, 2)
+    keras.backend.clear_session()
+
+
+def test_efficientnet_stem_sees_the_inputs_unscaled(tmp_path: Path) -> None:
+    """Our inputs are already in [0, 1]: keras' built-in Rescaling(1/255) is made an identity (QAT gave NaN on
+    [0, 1/255] stems), also after a config round trip (a saved model); backbone weights still load by name."""
+    model = build_model(ModelConfig(family="efficientnet"), SPEC_25D)
+    rescalings = [la for la in model.layers if isinstance(la, keras.layers.Rescaling)]
+    assert [(la.scale, la.offset) for la in rescalings] == [(1.0, 0.0)]
+    x = np.random.default_rng(3).random((2, *model.input_shape[1:]), dtype=np.float32)
+    np.testing.assert_array_equal(keras.Model(model.input, rescalings[0].output)(x).numpy(), x)
+    clone = keras.Model.from_config(model.get_config())
+    assert [la.get_config()["scale"] for la in clone.layers if isinstance(la, keras.layers.Rescaling)] == [1.0]
+    path = tmp_path / "b0.weights.h5"
+    model.save_weights(str(path))
+    loaded = build_model(ModelConfig(family="efficientnet", weights=path), SPEC_25D)
+    for name in ("stem_conv", "block3a_expand_conv", "top_bn"):
+        for a, b in zip(loaded.get_layer(name).get_weights(), model.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
     keras.backend.clear_session()
 
 

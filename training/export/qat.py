@@ -50,10 +50,19 @@ def annotate(model: keras.Model) -> tuple[keras.Model, int, int]:
     return annotated, counts[0], counts[1]
 
 
-#: Families whose QAT is verified (fine-tune + int8 conversion in tests).  EfficientNet annotates
-#: (173 of 240 layers) and applies, but its partially quantized fine-tune diverged to a NaN loss in
-#: our check, so it is refused rather than shipped half-working: use post-training int8 for it.
-QAT_FAMILIES: tuple[str, ...] = ("cnn2d", "multiscale2d")
+#: Model names (``keras.Model.name``) whose QAT is verified: fine-tune + int8 conversion in tests
+#: (EfficientNet on B0; B1-B3 are the same blocks, wider and deeper).  EfficientNet's QAT used to turn
+#: every variable from the stem to block4a into NaN on the first step because its built-in
+#: Rescaling(1/255) shrank our [0, 1] inputs to [0, 1/255]; the model now makes that layer an identity
+#: (training/modeling/efficientnet.py), and models saved before that change are refused below.
+QAT_FAMILIES: tuple[str, ...] = (
+    "cnn2d",
+    "multiscale2d",
+    "efficientnetb0",
+    "efficientnetb1",
+    "efficientnetb2",
+    "efficientnetb3",
+)
 
 
 def qat_model(model: keras.Model) -> keras.Model:
@@ -62,6 +71,7 @@ def qat_model(model: keras.Model) -> keras.Model:
         raise ValueError(
             f"QAT is supported for {list(QAT_FAMILIES)}, not {model.name!r}; export it with post-training 'int8'"
         )
+    _refuse_input_rescaling(model)
     tfmot = _tfmot()
     annotated, n_ann, n_all = annotate(model)
     with tfmot.quantization.keras.quantize_scope():
@@ -70,8 +80,26 @@ def qat_model(model: keras.Model) -> keras.Model:
     return q
 
 
+def _refuse_input_rescaling(model: keras.Model) -> None:
+    """Refuse an EfficientNet saved with keras' ``Rescaling(1/255)`` still active (before the fix).
+
+    Its stem sees [0, 1/255] and QAT turns the weights into NaN on the first step; the float model and
+    its post-training int8 export are unaffected.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Rescaling) and (layer.scale != 1.0 or layer.offset != 0.0):
+            raise ValueError(
+                f"{model.name} rescales its [0, 1] inputs ({layer.name}: scale {layer.scale}): QAT diverges to NaN "
+                "on such a model; retrain it with the current code or export it with post-training 'int8'"
+            )
+
+
 def fine_tune(
-    q: keras.Model, train: tf.data.Dataset, epochs: int, steps: int, learning_rate: float,
+    q: keras.Model,
+    train: tf.data.Dataset,
+    epochs: int,
+    steps: int,
+    learning_rate: float,
     class_weight: dict[int, float] | None = None,
 ) -> dict[str, list[float]]:
     """Short low-LR fine-tune of the QAT model (fake-quant ranges settle, weights adapt)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from training.modeling.common import classification_head, conv_bn_relu, layers, num_stages
+from training.modeling.common import classification_head, conv_bn_relu, global_pool, layers, num_stages
 from training.modeling.config import ModelConfig
 from training.tfenv import keras, tf
 
@@ -48,16 +48,21 @@ def cbam_block(x: tf.Tensor, reduction: int, name: str) -> tf.Tensor:
 
 
 def build_cnn3d_cbam(input_shape: tuple[int, int, int, int], cfg: ModelConfig) -> keras.Model:
-    """Stem conv, then per stage: stride-2 conv, conv, CBAM; global average pooling; sigmoid."""
+    """Stem conv, then per stage: stride-2 conv, conv, CBAM; global pooling (``head_pooling``); sigmoid.
+
+    The first ``inplane_stages`` stages (and the stem) use 1x3x3 kernels and 1x2x2 strides.
+    """
     inputs = keras.Input(shape=input_shape, name="volume")
     stages = num_stages(input_shape[:3], cfg.min_feature_size, cfg.max_stages)
-    x = conv_bn_relu(inputs, cfg.base_filters, 3, 1, "stem", dims=3)
+    inplane = min(cfg.inplane_stages, stages)
+    x = conv_bn_relu(inputs, cfg.base_filters, (1, 3, 3) if inplane else 3, 1, "stem", dims=3)
     for i in range(stages):
         filters = cfg.base_filters * 2 ** (i + 1)
-        x = conv_bn_relu(x, filters, 3, 2, f"stage{i}_down", dims=3)
-        x = conv_bn_relu(x, filters, 3, 1, f"stage{i}_conv", dims=3)
+        kernel, stride = ((1, 3, 3), (1, 2, 2)) if i < inplane else (3, 2)
+        x = conv_bn_relu(x, filters, kernel, stride, f"stage{i}_down", dims=3)
+        x = conv_bn_relu(x, filters, kernel, 1, f"stage{i}_conv", dims=3)
         x = cbam_block(x, cfg.cbam_reduction, f"stage{i}_cbam")
-    x = layers.GlobalAveragePooling3D(name="gap")(x)
+    x = global_pool(x, cfg.head_pooling, dims=3)
     outputs = classification_head(x, cfg.dropout)
     log.debug("cnn3d_cbam: %d stages for input %s", stages, input_shape)
     return keras.Model(inputs, outputs, name="cnn3d_cbam")

@@ -24,6 +24,20 @@ def classification_head(x: tf.Tensor, dropout: float, name: str = "head") -> tf.
     return layers.Activation("sigmoid", name="probability", dtype="float32")(x)
 
 
+def global_pool(x: tf.Tensor, pooling: str, dims: int, name: str = "gap") -> tf.Tensor:
+    """Global average or max pooling over the spatial axes.
+
+    Average pooling suits findings that fill the field; max pooling suits small objects (a nodule is
+    one position of a 12 x 12 feature map: an average dilutes it ~100x, a max passes it and its
+    gradient through unchanged, like multiple-instance learning).
+    """
+    if pooling == "max":
+        pool = layers.GlobalMaxPooling2D if dims == 2 else layers.GlobalMaxPooling3D
+        return pool(name=name.replace("gap", "gmp"))(x)
+    pool = layers.GlobalAveragePooling2D if dims == 2 else layers.GlobalAveragePooling3D
+    return pool(name=name)(x)
+
+
 def num_stages(spatial: Sequence[int], min_feature_size: int, max_stages: int) -> int:
     """How many stride-2 stages fit before the smallest spatial size drops to ``min_feature_size``."""
     smallest = min(spatial)
@@ -32,7 +46,14 @@ def num_stages(spatial: Sequence[int], min_feature_size: int, max_stages: int) -
     return max(1, min(max_stages, int(math.floor(math.log2(smallest / min_feature_size)))))
 
 
-def conv_bn_relu(x: tf.Tensor, filters: int, kernel: int, strides: int, name: str, dims: int = 2) -> tf.Tensor:
+def conv_bn_relu(
+    x: tf.Tensor,
+    filters: int,
+    kernel: int | tuple[int, ...],
+    strides: int | tuple[int, ...],
+    name: str,
+    dims: int = 2,
+) -> tf.Tensor:
     """Conv (no bias) -> BatchNorm -> ReLU; the pattern every converter and tfmot fold cleanly."""
     conv = layers.Conv2D if dims == 2 else layers.Conv3D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)

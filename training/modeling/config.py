@@ -41,12 +41,24 @@ class ModelConfig(BaseModel):
     min_feature_size: int = Field(
         4, ge=1, description="Stop adding stride-2 stages when the smallest spatial size reaches this."
     )
+    inplane_stages: int = Field(
+        0,
+        ge=0,
+        description="cnn3d_cbam: leading stages (and the stem) that convolve and downsample in-plane only "
+        "(1x3x3 kernels, 1x2x2 strides), for volumes whose slices are thicker than their pixels (as nnU-Net "
+        "does for anisotropic data); later stages are fully 3D.",
+    )
     cbam_reduction: int = Field(8, ge=1, description="Channel-attention MLP reduction ratio (cnn3d_cbam).")
     growth_rate: int = Field(32, ge=1, description="DenseNet growth rate k (densenet3d).")
     block_config: tuple[int, ...] = Field(
         (6, 12, 24, 16), min_length=1, description="Dense layers per block; (6,12,24,16) is DenseNet-121."
     )
     compression: float = Field(0.5, gt=0, le=1, description="DenseNet transition compression.")
+    head_pooling: Literal["avg", "max"] = Field(
+        "avg",
+        description="Global pooling before the output: 'avg' for findings that fill the image, 'max' for small "
+        "objects such as nodules (the strongest position decides, as in multiple-instance learning).",
+    )
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output layer.")
 
     @model_validator(mode="after")
