@@ -51,15 +51,23 @@ def _spec() -> PreprocessSpec:
 
 
 def _cfg(tmp: Path) -> TrainConfig:
-    return parse_train_config({
-        "name": "tiny-export", "version": "1.2.3", "output_dir": str(tmp),
-        "preprocess": _spec().model_dump(),
-        "model": {"family": "cnn2d", "base_filters": 4, "dropout": 0.0},
-        "fit": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "precision": "float32"},
-        "evaluate": {"aggregation": {"method": "topk_mean", "k": 2}},
-        "export": {"modes": ["saved_model", "fp32", "fp16", "dynamic", "int8"], "default": "int8",
-                   "representative_samples": 32, "parity_samples": 16},
-    })
+    return parse_train_config(
+        {
+            "name": "tiny-export",
+            "version": "1.2.3",
+            "output_dir": str(tmp),
+            "preprocess": _spec().model_dump(),
+            "model": {"family": "cnn2d", "base_filters": 4, "dropout": 0.0},
+            "fit": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "precision": "float32"},
+            "evaluate": {"aggregation": {"method": "topk_mean", "k": 2}},
+            "export": {
+                "modes": ["saved_model", "fp32", "fp16", "dynamic", "int8"],
+                "default": "int8",
+                "representative_samples": 32,
+                "parity_samples": 16,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +77,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, ker
     train, val, test = _split(24, 1), _split(8, 2), _split(12, 3)
     fit(cfg, train, val, cfg.run_dir)
     model = load_trained_model(cfg.run_dir)
-    result = export_model(cfg, model, tmp / "model", holdout=test, train=train, threshold=0.4,
-                          metrics={"val_auc": 0.9})
+    result = export_model(cfg, model, tmp / "model", holdout=test, train=train, threshold=0.4, metrics={"val_auc": 0.9})
     return cfg, model, result, test
 
 
@@ -95,8 +102,8 @@ def test_tflite_files_run_in_litert_and_agree_with_keras(
     for name, tol in (("model_fp32.tflite", 1e-5), ("model_fp16.tflite", 5e-3), ("model_int8.tflite", 0.1)):
         interp = Interpreter(model_path=str(result.model_dir / name))
         inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-        if name == "model_int8.tflite":
-            assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+        if name == "model_int8.tflite":  # int8 in, float head -> float32 probability out
+            assert inp["dtype"] == np.int8 and out["dtype"] == np.float32
         else:
             assert inp["dtype"] == np.float32
         interp.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
@@ -125,8 +132,12 @@ def test_manifest_validates_and_node_registry_loads(
     assert man.default_artifact == "model_int8.tflite" and man.input.dtype == "int8"
     assert man.aggregation == cfg.evaluate.aggregation
     assert {a.path: a.precision for a in man.artifacts} == {
-        "saved_model": "fp32", "model_fp32.tflite": "fp32", "model_fp16.tflite": "fp16",
-        "model_dynamic.tflite": "dynamic", "model_int8.tflite": "int8"}
+        "saved_model": "fp32",
+        "model_fp32.tflite": "fp32",
+        "model_fp16.tflite": "fp16",
+        "model_dynamic.tflite": "dynamic",
+        "model_int8.tflite": "int8",
+    }
     for artifact in (None, "saved_model"):
         loaded = load_model(result.model_dir, artifact=artifact)
         assert loaded.runtime.input_shape == (16, 16, 3)
@@ -139,9 +150,14 @@ def test_node_reproduces_training_side_series_prediction(
     rng = np.random.default_rng(9)
     hu = rng.normal(-800, 60, size=(7, 16, 16)).astype(np.float32)
     hu[2:5, 4:10, 6:12] = 40.0
-    vol = Volume(array=hu, spacing=(2.0, 1.0, 1.0), affine=np.eye(4),
-                 slice_refs=tuple(SliceRef("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{i}") for i in range(7)),
-                 study_instance_uid="1.2.3", series_instance_uid="1.2.3.4")
+    vol = Volume(
+        array=hu,
+        spacing=(2.0, 1.0, 1.0),
+        affine=np.eye(4),
+        slice_refs=tuple(SliceRef("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{i}") for i in range(7)),
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+    )
     keras_scores = model.predict(slices_2d(hu, vol.spacing, cfg.preprocess), verbose=0).reshape(-1)
     expected = series_score(keras_scores, cfg.evaluate.aggregation)
     node = predict_series(load_model(result.model_dir, artifact="model_fp32.tflite"), vol, heatmap=False)
@@ -191,8 +207,13 @@ def test_qat_fine_tunes_one_epoch_and_converts_to_int8(tmp_path: Path) -> None:
     assert any("quant" in type(la).__name__.lower() for la in q.layers)
     split = _split(8, 4)
     x = np.stack([a for a, _ in split.dataset.as_numpy_iterator()])
-    hist = fine_tune(q, tf.data.Dataset.from_tensor_slices((x, split.labels.astype(np.float32))).batch(8).repeat(),
-                     epochs=1, steps=2, learning_rate=1e-4)
+    hist = fine_tune(
+        q,
+        tf.data.Dataset.from_tensor_slices((x, split.labels.astype(np.float32))).batch(8).repeat(),
+        epochs=1,
+        steps=2,
+        learning_rate=1e-4,
+    )
     assert len(hist["loss"]) == 1 and np.isfinite(hist["loss"][0])
     path = tmp_path / "qat.tflite"
     path.write_bytes(convert(q, "int8", x[:8]))
@@ -203,11 +224,106 @@ def test_qat_fine_tunes_one_epoch_and_converts_to_int8(tmp_path: Path) -> None:
     assert np.max(np.abs(rt.predict(x).reshape(-1) - q.predict(x, verbose=0).reshape(-1))) <= TOLERANCE["qat_int8"]
 
 
+def _efficientnet_b0_32() -> keras.Model:
+    spec = PreprocessSpec(mode="2.5d", windows=(Window(**WINDOW),), input_shape=(32, 32), context_slices=1)
+    return build_model(ModelConfig(family="efficientnet", efficientnet_variant="B0"), spec)
+
+
+@pytest.mark.slow
+def test_qat_efficientnet_fine_tunes_without_nan_and_converts_to_int8(tmp_path: Path) -> None:
+    """keras EfficientNet's built-in Rescaling(1/255) made the stem see [0, 1/255] of our [0, 1] inputs, and the
+    first QAT step turned the weights from the stem to block4a into NaN; with that rescaling an identity the
+    fine-tune stays finite and the int8 model runs in LiteRT (XNNPACK)."""
+    from medclf_node.inference.runtime import LiteRTRuntime
+    from training.export.qat import fine_tune, qat_model
+    from training.tfenv import tf
+
+    model = _efficientnet_b0_32()
+    rng = np.random.default_rng(5)
+    y = (np.arange(16) % 2).astype(np.float32)
+    x = rng.random((16, 32, 32, 3), dtype=np.float32) * 0.5
+    x[y == 1, 8:20, 8:20] += 0.5  # window values in [0, 1], as the preprocessing delivers them
+    # Stand-in for a trained model: BatchNorm moving statistics re-estimated on the data (one training-mode
+    # pass with momentum 0).  Untrained statistics (mean 0, variance 1) shrink the inference-mode activations
+    # block after block to ~1e-6, and int8 scales that small make XNNPACK refuse the converted graph.
+    bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    for la in bns:
+        la.momentum = 0.0
+    model(x, training=True)
+    for la in bns:
+        la.momentum = 0.99
+    q = qat_model(model)
+    hist = fine_tune(
+        q, tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat(), epochs=1, steps=2, learning_rate=1e-4
+    )
+    assert len(hist["loss"]) == 1 and np.isfinite(hist["loss"][0])
+    assert all(np.all(np.isfinite(w.numpy())) for w in q.weights)
+    path = tmp_path / "qat_efficientnet.tflite"
+    path.write_bytes(convert(q, "int8", x[:8]))
+    rt = LiteRTRuntime(path)
+    assert rt.input_dtype == "int8"
+    got = rt.predict(x).reshape(-1)
+    assert got.shape == (16,) and np.all(np.isfinite(got)) and np.all((got >= 0) & (got <= 1))
+    keras.backend.clear_session()
+
+
+def test_qat_refuses_efficientnet_that_rescales_its_inputs() -> None:
+    """A model saved before the fix keeps keras' Rescaling(1/255) in its config: QAT on it would give NaN."""
+    from training.export.qat import qat_model
+
+    model = _efficientnet_b0_32()
+    next(la for la in model.layers if isinstance(la, keras.layers.Rescaling)).scale = 1 / 255
+    with pytest.raises(ValueError, match="post-training"):
+        qat_model(model)
+    keras.backend.clear_session()
+
+
 def test_qat_is_refused_for_unverified_families() -> None:
     from training.export.qat import qat_model
 
-    spec = PreprocessSpec(mode="2.5d", windows=(Window(**WINDOW),), input_shape=(32, 32), context_slices=1)
-    model = build_model(ModelConfig(family="efficientnet"), spec)
-    with pytest.raises(ValueError, match="post-training"):
+    spec = PreprocessSpec(mode="3d", windows=(Window(**WINDOW),), input_shape=(8, 16, 16))
+    model = build_model(ModelConfig(family="cnn3d_cbam", base_filters=4), spec)
+    with pytest.raises(ValueError, match="QAT is supported for"):
         qat_model(model)
+    keras.backend.clear_session()
+
+
+def _int8_io_and_ops(flat: bytes) -> tuple[np.dtype, np.dtype, list[str]]:
+    interp = Interpreter(model_content=flat)
+    ops = [o["op_name"] for o in interp._get_ops_details()]  # noqa: SLF001 - no public op list
+    return interp.get_input_details()[0]["dtype"], interp.get_output_details()[0]["dtype"], ops
+
+
+def test_int8_float_head_keeps_close_probabilities_apart(tmp_path: Path) -> None:
+    """A confident-or-flat model's probabilities differ by < 1/256: an int8 LOGISTIC output ties them
+    (and the series AUC drops); the float head (dense + sigmoid in float32 after the int8 body) does not."""
+    from medclf_node.inference.runtime import LiteRTRuntime
+    from training.export.tflite import head_nodes
+
+    cfg = _cfg(tmp_path)
+    model = build_model(cfg.model, cfg.preprocess)
+    dense = model.get_layer("head_logit")
+    w, b = dense.get_weights()
+    dense.set_weights([w * 0.01, b])  # logits within a few hundredths: probabilities ~0.5 +- 0.003
+    split = _split(8, 5)
+    x = np.stack([a for a, _ in split.dataset.as_numpy_iterator()])
+    ref = model.predict(x, verbose=0).reshape(-1)
+    assert np.ptp(ref) < 4 / 256  # the premise: the spread is a few int8 output steps
+
+    got = {}
+    for float_head in (True, False):
+        flat = convert(model, "int8", x, float_head=float_head)
+        in_dtype, out_dtype, ops = _int8_io_and_ops(flat)
+        assert in_dtype == np.int8
+        assert out_dtype == (np.float32 if float_head else np.int8)
+        if float_head:
+            assert [o for o in ops if o != "DELEGATE"][-3:] == ["DEQUANTIZE", "FULLY_CONNECTED", "LOGISTIC"]
+        path = tmp_path / f"m{float_head}.tflite"
+        path.write_bytes(flat)
+        got[float_head] = LiteRTRuntime(path).predict(x).reshape(-1)
+    distinct = len(np.unique(ref))
+    assert len(np.unique(got[False])) <= 4 < distinct  # int8 output: a handful of levels
+    assert len(np.unique(got[True])) >= 0.8 * distinct
+    assert np.corrcoef(got[True], ref)[0, 1] > 0.95
+    assert head_nodes(convert(model, "fp32")) and len(head_nodes(convert(model, "fp32"))) == 2  # dense, sigmoid
     keras.backend.clear_session()
