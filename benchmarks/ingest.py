@@ -9,7 +9,9 @@ never fsyncs.
 Everything runs inside a private network namespace (``unshare --net``, loopback only)
 when possible, so storescp, which binds all interfaces, is never reachable from outside.
 
-    .venv/bin/python benchmarks/ingest.py [--slices 300] [--repeat 1] [--keep DIR]
+    .venv/bin/python benchmarks/ingest.py [--slices 300] [--repeat 1] [--no-fsync] [--idle-seconds 10] [--keep DIR]
+
+It also reports the CPU an idle node burns (the node's reactors must block, not poll).
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ def run_storescp(work: Path, files: list[Path], senders: int) -> float:
     return dt
 
 
-def run_node(work: Path, files: list[Path], senders: int, fsync: bool) -> float:
-    data = work / f"node-{senders}-{'fsync' if fsync else 'nofsync'}"
-    cfg = work / f"{data.name}.toml"
+def start_node(data: Path, fsync: bool) -> tuple[subprocess.Popen[bytes], int]:
+    """``medclf-node serve`` on a free port with ``data`` as data_dir; returns (process, port)."""
+    cfg = data.parent / f"{data.name}.toml"
     cfg.write_text(
         f'[node]\nae_title = "MEDCLF"\nport = 0\ndata_dir = "{data}"\nlog_level = "WARNING"\n'
         f"durable_writes = {'true' if fsync else 'false'}\n"
@@ -105,18 +107,29 @@ def run_node(work: Path, files: list[Path], senders: int, fsync: bool) -> float:
         [sys.executable, "-m", "medclf_node.cli", "serve", "--config", str(cfg)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    deadline = time.monotonic() + 30
+    port_file = data / "node.port"
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_node(proc)
+            raise RuntimeError(f"node did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+def stop_node(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=20)
+
+
+def run_node(work: Path, files: list[Path], senders: int, fsync: bool) -> float:
+    data = work / f"node-{senders}-{'fsync' if fsync else 'nofsync'}"
+    proc, port = start_node(data, fsync)
     try:
-        deadline = time.monotonic() + 30
-        port_file = data / "node.port"
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-            time.sleep(0.05)
-        port = int(port_file.read_text())
         dt = send(port, "MEDCLF", split(files, senders))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        stop_node(proc)
     import sqlite3
 
     with sqlite3.connect(data / "index.sqlite") as c:
@@ -124,6 +137,38 @@ def run_node(work: Path, files: list[Path], senders: int, fsync: bool) -> float:
     if n != len(files):
         raise RuntimeError(f"node indexed {n} of {len(files)} instances")
     return dt
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu(work: Path, seconds: float) -> tuple[float, float]:
+    """CPU share (of one core) of a served node doing nothing: without, then with one open idle association."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    proc, port = start_node(work / "node-idle", fsync=True)
+    try:
+        time.sleep(1.0)  # start-up work is not idling
+        c0 = cpu_seconds(proc.pid)
+        time.sleep(seconds)
+        no_assoc = (cpu_seconds(proc.pid) - c0) / seconds
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDCLF")
+        if not assoc.is_established:
+            raise RuntimeError("idle probe: association not established")
+        time.sleep(0.5)
+        c0 = cpu_seconds(proc.pid)
+        time.sleep(seconds)
+        with_assoc = (cpu_seconds(proc.pid) - c0) / seconds
+        assoc.release()
+    finally:
+        stop_node(proc)
+    return no_assoc, with_assoc
 
 
 def durable_write_ms(work: Path, size: int, n: int = 20) -> float:
@@ -162,6 +207,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="best of N runs per configuration")
     ap.add_argument("--no-fsync", action="store_true", help="also measure the node with durable_writes=false")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: temporary)")
+    ap.add_argument("--idle-seconds", type=float, default=10.0,
+                    help="measure the idle node's CPU for this long, without and with an open association (0: skip)")
     in_ns = enter_netns()
     args = ap.parse_args()
     from intake_series import write_ct_series
@@ -176,6 +223,10 @@ def main() -> int:
         ms = durable_write_ms(work, files[0].stat().st_size)
         print(f"durable write of one instance on this disk: {ms:.1f} ms "
               f"(single-sender ceiling with fsync ~{1000 / ms:.0f} inst/s before any network work)")
+        if args.idle_seconds > 0:
+            no_assoc, with_assoc = idle_cpu(work, args.idle_seconds)
+            print(f"idle node CPU over {args.idle_seconds:.0f} s: {100 * no_assoc:.1f}% of a core, "
+                  f"{100 * with_assoc:.1f}% with one open idle association")
         modes = [True, False] if args.no_fsync else [True]
         for senders in (1, 4):
             ref = min(run_storescp(_fresh(work / f"scp-{senders}-{i}"), files, senders) for i in range(args.repeat))

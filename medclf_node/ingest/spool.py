@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,167 @@ def _header_int(ds: object, keyword: str, default: int) -> int:
         return default
 
 
+# --- fast header scan ---------------------------------------------------------------------
+# The C-STORE handler runs once per instance; pydicom's reader costs ~0.5 ms to find seven
+# values in a CT header, as much as the write.  This scanner walks the element headers of a
+# well-formed little-endian Part 10 file itself.  It only ever answers for input it fully
+# understands, with exactly the values pydicom would give; on anything else (big endian,
+# deflate, undefined lengths, unknown VRs, odd tag order, truncation, a value that is not a
+# plain number or single UID) it returns None and pydicom decides, errors included.
+# tests/test_intake_fastpath.py compares the two on valid and on fuzzed files.
+
+# explicit VR little endian, and the encapsulated syntaxes (always explicit VR little endian)
+_EXPLICIT_LE_SYNTAXES = frozenset(
+    "1.2.840.10008.1.2.1 1.2.840.10008.1.2.4.50 1.2.840.10008.1.2.4.51 1.2.840.10008.1.2.4.57 "
+    "1.2.840.10008.1.2.4.70 1.2.840.10008.1.2.4.80 1.2.840.10008.1.2.4.81 1.2.840.10008.1.2.4.90 "
+    "1.2.840.10008.1.2.4.91 1.2.840.10008.1.2.5".split()
+)
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_SCAN_UIDS = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+}
+_SCAN_INTS = {0x00280010: ("rows", b"US"), 0x00280011: ("columns", b"US"), 0x00280008: ("frames", b"IS")}
+_META_UIDS = {0x00020010: "transfer_syntax"}
+_DATASET_TAGS = {**_SCAN_UIDS, **_SCAN_INTS}
+_TAG = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_INT_RE = re.compile(rb"^[+-]?[0-9]{1,12}$")
+
+
+def _walk(data: bytes, pos: int, end: int | None, implicit: bool) -> dict[int, tuple[bytes, bytes]] | None:
+    """(tag -> (VR, value)) of the wanted tags from ``pos`` until group 2 ends (``end=None``: the
+    pixel data or the end of ``data``); ``None`` for anything a pydicom read might see differently."""
+    wanted = _META_UIDS if end is not None else _DATASET_TAGS
+    found: dict[int, tuple[bytes, bytes]] = {}
+    size = len(data)
+    last = -1
+    first = True
+    while pos < size:
+        if pos + 8 > size:
+            return None
+        group, elem = _TAG.unpack_from(data, pos)
+        tag = group << 16 | elem
+        if end is not None and group != 2:
+            return found if pos == end else None
+        if end is None and tag in _PIXEL_TAGS:
+            # pydicom reads the whole element header before it stops at the pixel data
+            long_header = not implicit and data[pos + 4 : pos + 6] in _LONG_VRS
+            return found if pos + (12 if long_header else 8) <= size else None
+        if tag <= last or group == 0xFFFE:
+            return None
+        last = tag
+        vr = data[pos + 4 : pos + 6]
+        looks_explicit = 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+        if implicit:
+            if first and looks_explicit:
+                return None  # pydicom would switch to explicit VR here
+            vr = b""
+            length = _U32.unpack_from(data, pos + 4)[0]
+            pos += 8
+        else:
+            if vr not in _VRS:
+                return None
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None
+                length = _U32.unpack_from(data, pos + 8)[0]
+                pos += 12
+            else:
+                length = _U16.unpack_from(data, pos + 6)[0]
+                pos += 8
+        first = False
+        if length == 0xFFFFFFFF or pos + length > size:
+            return None
+        if tag in wanted:
+            found[tag] = (vr, data[pos : pos + length])
+        pos += length
+    return found if end is None else None
+
+
+def _scan_int(vr: bytes, expected_vr: bytes, raw: bytes) -> int | None:
+    """The value pydicom's reader + ``_header_int`` would give, or -1 when unsure."""
+    if vr not in (b"", expected_vr):
+        return -1
+    if expected_vr == b"US":
+        if len(raw) == 0:
+            return None
+        return _U16.unpack(raw)[0] if len(raw) == 2 else -1
+    text = raw.strip(b" ")
+    if not text:
+        return None
+    return int(text) if _INT_RE.match(text) else -1
+
+
+def _ui_text(raw: bytes) -> str:
+    """A UI value as pydicom reads it: trailing NULs/spaces dropped (convert_UI), then whitespace (UID())."""
+    return raw.decode("latin-1").rstrip("\x00 ").strip()
+
+
+def scan_header(data: bytes) -> tuple[dict[str, str], dict[str, int]] | None:
+    """(UIDs, ints) as :func:`parse_header` reads them, or ``None`` where only pydicom may decide."""
+    if len(data) < 144 or data[128:140] != b"DICM\x02\x00\x00\x00UL\x04\x00":
+        return None  # not Part 10 starting with the (0002,0000) group length
+    meta_end = 144 + _U32.unpack_from(data, 140)[0]
+    meta = _walk(data, 144, meta_end, implicit=False)
+    if meta is None or 0x00020010 not in meta:
+        return None
+    ts_vr, ts_raw = meta[0x00020010]
+    if ts_vr != b"UI" or not ts_raw.isascii():
+        return None
+    syntax = _ui_text(ts_raw)
+    if syntax != _IMPLICIT_LE and syntax not in _EXPLICIT_LE_SYNTAXES:
+        return None
+    found = _walk(data, meta_end, None, implicit=syntax == _IMPLICIT_LE)
+    if found is None:
+        return None
+    uids = {"transfer_syntax": syntax}
+    for tag, key in _SCAN_UIDS.items():
+        vr, raw = found.get(tag, (b"UI", b""))
+        text = _ui_text(raw)
+        if vr not in (b"", b"UI") or not raw.isascii() or "\\" in text or not text:
+            return None  # absent/empty (pydicom may fall back to the file meta), multi-valued, odd
+        uids[key] = text
+    ints = {"rows": 0, "columns": 0, "frames": 1}  # _header_int's defaults
+    for tag, (key, expected_vr) in _SCAN_INTS.items():
+        if tag in found:
+            value = _scan_int(found[tag][0], expected_vr, found[tag][1])
+            if value == -1:
+                return None
+            if value is not None:
+                ints[key] = value
+    return uids, ints
+
+
 def parse_header(data: bytes) -> Header:
     """Read the identifying UIDs from a Part 10 byte string (no pixel data is decoded).
 
     Raises ``StoreError(0xC210)`` when the bytes are not DICOM or a UID is missing/invalid.
+    Well-formed little-endian files take :func:`scan_header` (tens of microseconds instead
+    of pydicom's ~0.5 ms); anything it does not vouch for is read by pydicom, as before.
     """
+    scanned = scan_header(data)
+    values, ints = scanned if scanned is not None else _parse_with_pydicom(data)
+    for key, value in values.items():
+        if not is_valid_uid(value.strip("\x00 ")):
+            raise StoreError(STATUS_CANNOT_UNDERSTAND, f"{key} missing or not a valid UID: {value[:80]!r}")
+    return Header(
+        **{k: v.strip("\x00 ") for k, v in values.items()},
+        rows=ints["rows"],
+        columns=ints["columns"],
+        frames=max(1, ints["frames"]),
+    )
+
+
+def _parse_with_pydicom(data: bytes) -> tuple[dict[str, str], dict[str, int]]:
     try:
         ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         meta = ds.file_meta
@@ -117,15 +274,12 @@ def parse_header(data: bytes) -> Header:
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser failure means "cannot understand"
         # (fuzzing found struct.error and pydicom's BytesLengthException besides the obvious ones)
         raise StoreError(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from exc
-    for key, value in values.items():
-        if not is_valid_uid(value.strip("\x00 ")):
-            raise StoreError(STATUS_CANNOT_UNDERSTAND, f"{key} missing or not a valid UID: {value[:80]!r}")
-    return Header(
-        **{k: v.strip("\x00 ") for k, v in values.items()},
-        rows=_header_int(ds, "Rows", 0),
-        columns=_header_int(ds, "Columns", 0),
-        frames=max(1, _header_int(ds, "NumberOfFrames", 1)),
-    )
+    ints = {
+        "rows": _header_int(ds, "Rows", 0),
+        "columns": _header_int(ds, "Columns", 0),
+        "frames": _header_int(ds, "NumberOfFrames", 1),
+    }
+    return values, ints
 
 
 def check_limits(data: bytes, header: Header | None, limits: LimitsSection) -> None:

@@ -1,8 +1,12 @@
 """The node's DICOM listener: C-ECHO and C-STORE SCP on pynetdicom.
 
 The C-STORE handler is deliberately thin: it takes the bytes exactly as the peer encoded
-them (``event.encoded_dataset()``, never decoded or transcoded), hands them to the spool
-(durable write + index) and answers with the spool's status.  Nothing slow runs here.
+them (never decoded or transcoded; :func:`medclf_node.net.part10.encoded_dataset` is
+``event.encoded_dataset()`` without pydicom's writer), hands them to the spool (durable write +
+index) and answers with the spool's status.  Nothing slow runs here.
+
+Accepted associations run the event-driven reactors of :mod:`medclf_node.net.reactor`
+(pynetdicom's own poll every millisecond; C-STORE and C-ECHO are served in the DUL thread).
 
 Associations are vetted at A-ASSOCIATE (``EVT_REQUESTED``): an unknown calling AE title
 is rejected with "calling AE title not recognised" (result 1, source 1, reason 3), a
@@ -50,6 +54,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from medclf_node.config import Config
 from medclf_node.ingest.spool import STATUS_OUT_OF_RESOURCES, STATUS_UNEXPECTED, Spool, StoreError
+from medclf_node.net import part10, reactor
 from medclf_node.net.tls import server_context
 from medclf_node.retention import DiskWatermark
 from medclf_node.telemetry import Telemetry
@@ -199,11 +204,12 @@ class StoreSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_aborted),  # connection lost without release/abort
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         server = cast(NoDelayServer, self.ae.make_server(
             (self.cfg.node.host, self.cfg.node.port), evt_handlers=handlers, server_class=NoDelayServer,
             ssl_context=server_context(self.cfg.tls) if self.cfg.tls.enabled else None,
+            request_handler=reactor.request_handler(),
         ))
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
@@ -269,9 +275,6 @@ class StoreSCP:
             assoc.kill()
 
     def _on_established(self, event: Event) -> None:
-        # pynetdicom's DUL reactor sleeps 1 ms whenever a poll finds nothing; on a busy
-        # association that sleep dominates, so poll tighter.
-        event.assoc.dul._run_loop_delay = 0.0001
         log.debug("association %s established with %r", self._assoc_id(event.assoc),
                   event.assoc.requestor.ae_title)
         _guard_dimse(event.assoc, self._assoc_id(event.assoc))
@@ -292,7 +295,7 @@ class StoreSCP:
             log.warning("C-STORE refused with 0xA700: free disk space below retention.min_free_disk_mb")
             return STATUS_OUT_OF_RESOURCES
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = part10.encoded_dataset(event)
             stored = self.spool.store(data, calling_ae=str(assoc.requestor.ae_title).strip(), assoc_id=assoc_id)
         except StoreError as exc:
             log.warning("C-STORE from %r refused with 0x%04X: %s", assoc.requestor.ae_title, exc.status, exc)
@@ -317,6 +320,19 @@ class StoreSCP:
         assoc_id = self._forget(event.assoc)
         if assoc_id is not None and self.listener is not None:
             self.listener.association_released(assoc_id)
+
+    def _on_conn_close(self, event: Event) -> None:
+        """The connection closed: after our A-RELEASE-RP that is a release, otherwise a loss.
+
+        pynetdicom triggers EVT_RELEASED in the association thread *after* handing the
+        A-RELEASE-RP to the DUL thread, which sends it; the peer may close the connection
+        (EVT_CONN_CLOSE, DUL thread) before EVT_RELEASED runs.  ``_sent_release`` is set before
+        the response is queued, so it tells the two apart; whichever event comes first reports.
+        """
+        if getattr(event.assoc, "_sent_release", False):
+            self._on_released(event)
+        else:
+            self._on_aborted(event)
 
     def _on_aborted(self, event: Event) -> None:
         assoc_id = self._forget(event.assoc)
