@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="Processes rendering phantoms (default 2).")
     p.add_argument("--model", choices=("2.5d", "3d"), default="2.5d",
                    help="Which shipped model: 2.5d (nodule-2p5d-int8) or 3d (nodule-3d-cbam).")
-    p.add_argument("--threads", type=int, default=1, help="TensorFlow intra/inter-op threads (3d recipe).")
+    p.add_argument("--threads", type=int, default=2, help="TensorFlow intra/inter-op threads (3d recipe).")
     args = p.parse_args(args_list)
     if args.model == "3d":
         return _main_3d(args)
