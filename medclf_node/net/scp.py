@@ -100,6 +100,11 @@ class NoDelayServer(ThreadedAssociationServer):
     acceptor, where one silent client would stop every other connection from being accepted).
     """
 
+    # socketserver's default listen backlog is 5: a PACS opening many associations at once, or a
+    # burst of broken connections while the acceptor thread waits for the GIL, overflows it and
+    # the kernel drops SYNs (the peer retries after 1 s, 3 s, ... and may give up).
+    request_queue_size = 128
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
