@@ -376,17 +376,17 @@ def test_store_and_echo_are_served_in_the_dul_thread(
     """No hand-over to the association thread and back: the handler runs in the DUL thread."""
     node, _ = scp
     threads: list[threading.Thread] = []
-    real_store, real_echo = StoreSCP._on_store, StoreSCP._on_echo
+    real_store, real_echo = StoreSCP._store_instance, StoreSCP._on_echo
 
-    def store(self: StoreSCP, event: Any) -> Any:
+    def store(self: StoreSCP, assoc: Any, encoded: Any) -> Any:
         threads.append(threading.current_thread())
-        return real_store(self, event)
+        return real_store(self, assoc, encoded)
 
     def echo(self: StoreSCP, event: Any) -> Any:
         threads.append(threading.current_thread())
         return real_echo(self, event)
 
-    monkeypatch.setattr(node, "_on_store", store.__get__(node))
+    monkeypatch.setattr(node, "_store_instance", store.__get__(node))
     monkeypatch.setattr(node, "_on_echo", echo.__get__(node))
     node.stop()
     node.start()  # handlers are bound at start

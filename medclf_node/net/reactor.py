@@ -22,9 +22,15 @@ pynetdicom):
 * C-STORE and C-ECHO requests are served in the DUL thread as soon as they are complete
   (:meth:`WakeableDUL._serve_inline`), not handed to the association thread and back.
 * status-only C-STORE responses are encoded by :mod:`medclf_node.net.store_rsp`.
+* C-STORE requests are read straight from the P-DATA-TF PDUs (:meth:`WakeableDUL._take_pdata`,
+  :mod:`medclf_node.net.fast_store`): PDVs split by hand, the command set decoded by hand, the
+  data set kept as views of the received buffers and joined once behind the File Meta, the
+  server's ``fast_store`` handler called, the response sent as one PDU.  A message it does not
+  vouch for is replayed PDV by PDV into pynetdicom's DIMSE provider, as DT-2 would deliver it.
+  The CPU per 512 kB instance fell from 3.9 to 2.4 ms (node without fsync, loaded machine).
 
-Everything else (state machine, PDU decoding, DIMSE assembly, event handlers, timeouts) is
-pynetdicom's own code.  The two reactor loops are copies of 3.0.4's with only the waiting
+Everything else (state machine, PDU decoding of other PDUs, DIMSE assembly of other messages,
+event handlers, timeouts) is pynetdicom's own code.  The two reactor loops are copies of 3.0.4's with only the waiting
 changed; ``tests/test_intake_fastpath.py`` pins the source of every pynetdicom function copied
 or overridden here and fails when pynetdicom changes.  With any other pynetdicom version
 :func:`supported` is false and the node runs stock pynetdicom (slower, same behaviour).
@@ -32,33 +38,52 @@ or overridden here and fails when pynetdicom changes.  With any other pynetdicom
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import select
 import socket
 import ssl
+import struct
 import threading
-from copy import deepcopy
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
 import pynetdicom
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from medclf_node.net import part10
+from medclf_node.net.fast_store import StoreRequest, decode_store_request, split_pdvs, store_response_pdu
 from medclf_node.net.store_rsp import FastStoreResponseDIMSE
 
 log = logging.getLogger(__name__)
+
+#: ``fast_store(assoc, request, head, fragments) -> status``: stores ``head + fragments`` (preamble and
+#: File Meta, then the data set as received) and returns the C-STORE status; set on the server.
+FastStoreHandler = Callable[[Association, StoreRequest, bytes, list[memoryview]], int]
+#: with a handler bound to any of these the peer or the user watches PDUs/messages: stock path only
+_WATCHED_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_DIMSE_RECV, evt.EVT_DATA_SENT,
+                   evt.EVT_PDU_SENT, evt.EVT_DIMSE_SENT)
+_PDU_HEADER = struct.Struct(">BBL")
 
 PYNETDICOM_VERSION = "3.0.4"
 # Longest wait between two passes of either reactor when nothing happens.  Bounds how late an
 # expired ARTIM/idle timer is noticed; the only cost of a larger value.
 IDLE_WAIT = 0.05
+#: first buffer for a PDU body; larger PDUs grow it as their bytes arrive
+RECV_FIRST_ALLOCATION = 1 << 20
 
 
 def supported() -> bool:
@@ -67,19 +92,26 @@ def supported() -> bool:
 
 
 class BulkRecvSocket(AssociationSocket):
-    """Reads ``nr_bytes`` with ``recv_into`` into one buffer (stock: a Python loop of 4 kB ``recv``)."""
+    """Reads ``nr_bytes`` with ``recv_into`` into one buffer (stock: a Python loop of 4 kB ``recv``).
+
+    The buffer starts at :data:`RECV_FIRST_ALLOCATION` and doubles as data arrives: the PDU
+    length comes from the peer, and a hostile 4 GiB length followed by ten bytes must not
+    make the node allocate 4 GiB.
+    """
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
-        buf = bytearray(nr_bytes)
+        buf = bytearray(min(nr_bytes, RECV_FIRST_ALLOCATION))
         got = 0
-        with memoryview(buf) as view:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
-                if n == 0:  # connection closed: return what arrived, as stock does
-                    break
-                got += n
-        if got < nr_bytes:
+        while got < nr_bytes:
+            if got == len(buf):
+                buf.extend(bytes(min(len(buf), nr_bytes - got)))
+            with memoryview(buf) as view:
+                n = sock.recv_into(view[got:], len(buf) - got)
+            if n == 0:  # connection closed: return what arrived, as stock does
+                break
+            got += n
+        if got < len(buf):
             del buf[got:]
         return buf
 
@@ -94,6 +126,12 @@ class WakeableDUL(DULServiceProvider):
         self._wake_w.setblocking(False)
         # stop_dul() polls is_alive() with this delay; our thread exits as soon as it is poked
         self._run_loop_delay = 0.001
+        # the C-STORE fast path (see _take_pdata): command fragments of an undecided message,
+        # the C-STORE request being received and its File Meta head and data set fragments
+        self._cmd_pdvs: list[tuple[int, int, memoryview]] = []
+        self._fast_req: StoreRequest | None = None
+        self._fast_head = b""
+        self._fast_data: list[memoryview] = []
 
     # --- waking -------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -141,10 +179,167 @@ class WakeableDUL(DULServiceProvider):
         if sock is not None and sock.fileno() >= 0:
             watched.append(sock)
         try:
-            select.select(watched, [], [], IDLE_WAIT)
+            readable, _, _ = select.select(watched, [], [], IDLE_WAIT)
         except (OSError, ValueError):  # socket closed under us: the next pass sees it
-            pass
-        self._drain()
+            readable = [self._wake_r]
+        if self._wake_r in readable:
+            self._drain()
+
+    # --- pynetdicom 3.0.4 DULServiceProvider._read_pdu_data, P-DATA-TF offered to _take_pdata first
+    def _read_pdu_data(self) -> None:
+        self.socket = cast(AssociationSocket, self.socket)
+        try:
+            header = bytes(self.socket.recv(6))
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        except struct.error:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("Unknown PDU type received '0x%02X'", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = self.socket.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            log.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            log.error("The received PDU is shorter than expected (%d of %d bytes received)",
+                      len(body) + 6, pdu_length + 6)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self._take_pdata(memoryview(body)):
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+            self.event_queue.put(event)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: undecodable PDU -> Evt19
+            log.error("Unable to decode the received PDU data: %s", exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    # --- the C-STORE fast path ---------------------------------------------------------------
+    def _fast_handler(self) -> FastStoreHandler | None:
+        """The server's fast C-STORE handler, if the fast path may be used on this association now."""
+        assoc = self.assoc
+        handler = getattr(getattr(assoc, "_server", None), "fast_store", None)
+        if handler is None or pynetdicom_config.STORE_RECV_CHUNKED_DATASET:
+            return None
+        if any(assoc.get_handlers(event) for event in _WATCHED_EVENTS):
+            return None
+        return cast(FastStoreHandler, handler)
+
+    def _take_pdata(self, body: memoryview) -> bool:
+        """Handle a P-DATA-TF PDU here (True) or leave it to pynetdicom's decoder (False).
+
+        In Sta6 (the only state where pynetdicom passes P-DATA on; DT-2 keeps Sta6), the
+        PDVs of a C-STORE-RQ that :func:`decode_store_request` understands are collected here
+        and served by the server's ``fast_store``; the response goes out as one P-DATA-TF.
+        Every other message is replayed PDV by PDV into pynetdicom's DIMSE provider, as
+        DT-2 would have delivered it, so it is decoded, served and answered as before.
+        """
+        if self.state_machine.current_state != "Sta6":
+            return False
+        pdvs = split_pdvs(body)
+        if pdvs is None:
+            if self._fast_req is not None:  # the data set of a C-STORE cannot continue in garbage
+                log.warning("malformed P-DATA-TF PDU inside a C-STORE data set, aborting the association")
+                self._fast_req, self._fast_data = None, []
+                self.assoc.abort(block=False)
+                return True
+            self._replay_command()
+            return False
+        dimse = self.assoc.dimse
+        for context_id, control, fragment in pdvs:
+            if self._fast_req is not None:
+                if control & 1:
+                    log.warning("command fragment inside a C-STORE data set, aborting the association")
+                    self._fast_req, self._fast_data = None, []
+                    self.assoc.abort(block=False)
+                    return True
+                self._fast_data.append(fragment)
+                if control & 2:
+                    self._complete_fast_store()
+                continue
+            if dimse.message is not None or (not self._cmd_pdvs and not control & 1):
+                self._to_dimse([(context_id, control, fragment)])  # a message pynetdicom is assembling
+                continue
+            self._cmd_pdvs.append((context_id, control, fragment))
+            if control & 2:
+                self._start_message(context_id)
+        self._serve_inline()
+        if not self.to_user_queue.empty() or not dimse.msg_queue.empty():
+            self._notify_assoc()
+        return True
+
+    def _start_message(self, context_id: int) -> None:
+        """The command set is complete: a C-STORE for the fast path, or everything to pynetdicom."""
+        command = b"".join(fragment for _, _, fragment in self._cmd_pdvs)
+        request = None
+        handler = self._fast_handler()
+        assoc = self.assoc
+        context = assoc._accepted_cx.get(context_id)
+        if handler is not None and context is not None and assoc.is_established and not assoc._sent_release:
+            request = decode_store_request(command, context_id)
+        head = None
+        if request is not None and self._is_storage(request.sop_class_uid):
+            meta = part10.file_meta(request.sop_class_uid, request.sop_instance_uid,
+                                    cast(Any, context).transfer_syntax[0])
+            head = None if meta is None else part10.PREAMBLE + meta
+        if request is None or head is None:
+            self._replay_command()
+            return
+        self._cmd_pdvs = []
+        self._fast_req, self._fast_head, self._fast_data = request, head, []
+
+    def _is_storage(self, sop_class_uid: str) -> bool:
+        """True when pynetdicom would serve this SOP class with its plain Storage service class."""
+        if pynetdicom_config.UNRESTRICTED_STORAGE_SERVICE:
+            return False
+        if sop_class_uid in self.assoc.acceptor.accepted_common_extended:
+            return False
+        return uid_to_service_class(sop_class_uid) is StorageServiceClass
+
+    def _replay_command(self) -> None:
+        pending, self._cmd_pdvs = self._cmd_pdvs, []
+        self._to_dimse(pending)
+
+    def _to_dimse(self, pdvs: list[tuple[int, int, memoryview]]) -> None:
+        """Deliver PDVs to pynetdicom's DIMSE provider as DT-2 would (one P-DATA per PDV)."""
+        for context_id, control, fragment in pdvs:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = [[context_id, bytes((control,)) + bytes(fragment)]]  # type: ignore[list-item]
+            self.assoc.dimse.receive_primitive(primitive)
+
+    def _complete_fast_store(self) -> None:
+        request, head, fragments = cast(StoreRequest, self._fast_req), self._fast_head, self._fast_data
+        self._fast_req, self._fast_head, self._fast_data = None, b"", []
+        assoc = self.assoc
+        if assoc._sent_release or not assoc.is_established:
+            log.warning("C-STORE request received during association release, ignoring")
+            return
+        handler = self._fast_handler()
+        status = 0xC211
+        try:
+            if handler is not None:
+                status = handler(cast(Association, assoc), request, head, fragments)
+        except Exception:  # the handler maps its own errors; this is the last line of defence
+            log.exception("fast C-STORE handler failed")
+            status = 0xC211
+        pdu = store_response_pdu(request, status)
+        if pdu is None or not assoc.is_established:
+            if pdu is None:
+                log.error("cannot encode the C-STORE response (status %r), aborting the association", status)
+                assoc.abort(block=False)
+            return
+        cast(AssociationSocket, self.socket).send(pdu)
 
     # --- the loop: pynetdicom 3.0.4 DULServiceProvider.run_reactor, sleep -> _wait_for_work
     def run_reactor(self) -> None:
@@ -306,6 +501,18 @@ class WakeableAssociation(Association):
                 return
 
 
+def _copy_context(context: PresentationContext) -> PresentationContext:
+    """What ``deepcopy`` gives for a PresentationContext, in microseconds instead of ~1 ms.
+
+    Its attributes are immutable (str/UID, int, bool, None) but for the transfer syntax list;
+    deepcopy re-validates every UID with pydicom's regular expressions: 0.1-0.2 s per
+    association for the node's ~150 storage contexts.
+    """
+    clone = copy.copy(context)
+    clone._transfer_syntax = list(context._transfer_syntax)
+    return clone
+
+
 class WakeableRequestHandler(RequestHandler):
     """Builds :class:`WakeableAssociation` + :class:`BulkRecvSocket` (3.0.4 ``_create_association``)."""
 
@@ -324,7 +531,7 @@ class WakeableRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.acceptor.supported_contexts = [_copy_context(cx) for cx in self.server.contexts]
 
         assoc.requestor.address_info = self.remote
 

@@ -27,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from pydicom.uid import (
@@ -55,6 +56,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from medclf_node.config import Config
 from medclf_node.ingest.spool import STATUS_OUT_OF_RESOURCES, STATUS_UNEXPECTED, Spool, StoreError
 from medclf_node.net import part10, reactor
+from medclf_node.net.fast_store import StoreRequest
 from medclf_node.net.tls import server_context
 from medclf_node.retention import DiskWatermark
 from medclf_node.telemetry import Telemetry
@@ -104,6 +106,8 @@ class NoDelayServer(ThreadedAssociationServer):
     # burst of broken connections while the acceptor thread waits for the GIL, overflows it and
     # the kernel drops SYNs (the peer retries after 1 s, 3 s, ... and may give up).
     request_queue_size = 128
+    #: read by reactor.WakeableDUL: the C-STORE fast path's handler (None: pynetdicom's path only)
+    fast_store: reactor.FastStoreHandler | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -162,8 +166,11 @@ class StoreSCP:
         *,
         telemetry: Telemetry | None = None,
         watermark: DiskWatermark | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.cfg = cfg
+        # C-STORE requests read straight from the PDUs (reactor.py / fast_store.py); False: pynetdicom's path
+        self.fast_path = fast_path
         self.spool = spool
         self.listener = listener
         self.telemetry = telemetry or Telemetry.disabled()
@@ -216,6 +223,7 @@ class StoreSCP:
             ssl_context=server_context(self.cfg.tls) if self.cfg.tls.enabled else None,
             request_handler=reactor.request_handler(),
         ))
+        server.fast_store = self._fast_store if self.fast_path else None
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
         self._thread = threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True)
@@ -293,15 +301,22 @@ class StoreSCP:
     def _on_echo(self, event: Event) -> int:
         return 0x0000
 
-    def _on_store(self, event: Event) -> int | tuple[int, str]:
-        assoc = event.assoc
+    def _on_store(self, event: Event) -> int:
+        """EVT_C_STORE: requests the fast path (reactor.py) did not take."""
+        return self._store_instance(event.assoc, lambda: part10.encoded_dataset(event))
+
+    def _fast_store(self, assoc: Any, request: StoreRequest, head: bytes, fragments: list[memoryview]) -> int:
+        """The DUL's fast C-STORE path: ``head`` (preamble + File Meta) and the data set as received."""
+        return self._store_instance(assoc, lambda: b"".join((head, *fragments)))
+
+    def _store_instance(self, assoc: Any, encoded: Callable[[], bytes]) -> int:
+        """Store one instance durably and return the C-STORE status (never raises)."""
         assoc_id = self._assoc_id(assoc)
         if self.watermark is not None and not self.watermark.ok():
             log.warning("C-STORE refused with 0xA700: free disk space below retention.min_free_disk_mb")
             return STATUS_OUT_OF_RESOURCES
         try:
-            data = part10.encoded_dataset(event)
-            stored = self.spool.store(data, calling_ae=str(assoc.requestor.ae_title).strip(), assoc_id=assoc_id)
+            stored = self.spool.store(encoded(), calling_ae=str(assoc.requestor.ae_title).strip(), assoc_id=assoc_id)
         except StoreError as exc:
             log.warning("C-STORE from %r refused with 0x%04X: %s", assoc.requestor.ae_title, exc.status, exc)
             return exc.status

@@ -43,17 +43,15 @@ def _us(tag_elem: int, value: int) -> bytes:
     return struct.pack("<HHIH", 0x0000, tag_elem, 2, value)
 
 
-def encode_store_response(primitive: Any) -> bytes | None:
-    """The implicit VR LE command set of a status-only C-STORE-RSP, or ``None`` if it is not one."""
-    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
-        return None
-    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
-        return None
-    status, msg_id = primitive.Status, primitive.MessageIDBeingRespondedTo
+def encode_store_response_fields(msg_id: object, sop_class_uid: object, sop_instance_uid: object,
+                                 status: object) -> bytes | None:
+    """The implicit VR LE command set of a status-only C-STORE-RSP, or ``None`` for unusual values."""
     if not isinstance(status, int) or not isinstance(msg_id, int) or not 0 <= status <= 0xFFFF:
         return None
-    sop_class = _ui(0x0002, primitive.AffectedSOPClassUID)
-    sop_instance = _ui(0x1000, primitive.AffectedSOPInstanceUID)
+    if not 0 <= msg_id <= 0xFFFF:
+        return None
+    sop_class = _ui(0x0002, sop_class_uid)
+    sop_instance = _ui(0x1000, sop_instance_uid)
     if sop_class is None or sop_instance is None:
         return None
     body = b"".join(
@@ -67,6 +65,16 @@ def encode_store_response(primitive: Any) -> bytes | None:
         )
     )
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def encode_store_response(primitive: Any) -> bytes | None:
+    """The implicit VR LE command set of a status-only C-STORE-RSP, or ``None`` if it is not one."""
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
+        return None
+    return encode_store_response_fields(primitive.MessageIDBeingRespondedTo, primitive.AffectedSOPClassUID,
+                                        primitive.AffectedSOPInstanceUID, primitive.Status)
 
 
 class FastStoreResponseDIMSE(DIMSEServiceProvider):
