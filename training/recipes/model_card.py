@@ -179,6 +179,9 @@ def render_card_3d(report: dict[str, Any], manifest: Manifest) -> str:
     """The model card of a 3D recipe run (``training.recipes.model_3d``; ``report`` = its evaluation.json)."""
     spec = manifest.preprocessing
     served, full = report["fp16"], report["saved_model"]
+    rot_txt = f" in-plane rotation +-{report['augment']['rotate_deg']:g} deg," if report["augment"]["rotate_deg"] else ""
+    train_auc = (report["training"]["history"].get("auc") or [0.0])[-1]
+    fit_txt = ": it overfits" if train_auc > report["training"]["best_val_window_auc"] + 0.01 else ""
     ts, tf = served["test_series"], full["test_series"]
     lat = report["latency"]
     splits = report["splits"]
@@ -265,7 +268,7 @@ use disjoint seed ranges, so no patient is in two splits (checked with `training
   positive when a nodule centre lies inside it, at least {win['edge_slices']} slice(s) from its ends; windows that a
   nodule only reaches into are left out; negatives are {report['size']['negatives_per_series']} + half as many as
   the positives per series, drawn from the clear windows.
-- Augmentation on every pass (`training.data.augment`): left-right flip p={a['flip_prob']:g}, contrast
+- Augmentation on every pass (`training.data.augment`): left-right flip p={a['flip_prob']:g},{rot_txt} contrast
   +-{a['contrast']:g}, brightness +-{a['brightness']:g}.
 - Validation: {data['val_series']} series ({data['val_positive']} positive); test: {data['test_series']} series
   ({data['test_positive']} positive), each scored over all its windows exactly as the node does.
@@ -309,8 +312,8 @@ The node's predictor (`predict_series`, preprocessing included) on one {shape} p
   ~{2 * (spec.target_spacing or (0.0, 0.0, 0.0))[1]:g} mm in diameter to be missed.
 - The {(spec.target_spacing or (0.0,))[0]:g} mm slices of the model grid make a 10 mm nodule two or three slices deep.
 - Trained from scratch on a CPU budget ({report['training']['epochs_run']} epochs on {tr['windows']} windows; training
-  window AUC {_last(report['training']['history'], 'auc')}, validation {report['training']['best_val_window_auc']:.4f}:
-  it overfits); the operating point was chosen on a small synthetic validation split, and the CI above shows how
+  window AUC {_last(report['training']['history'], 'auc')}, validation {report['training']['best_val_window_auc']:.4f}{fit_txt});
+  the operating point was chosen on a small synthetic validation split, and the CI above shows how
   little a small test split pins the AUC down.
 {_target_line(ts['auc'])}
 ## Reproduce
