@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,21 +172,47 @@ def idle_cpu(work: Path, seconds: float) -> tuple[float, float]:
     return no_assoc, with_assoc
 
 
-def durable_write_ms(work: Path, size: int, n: int = 20) -> float:
-    """Mean cost of one durable write (tmp write, fsync, rename, fsync dir) on the work disk.
+DURABLE_STEPS = ("write", "fsync file", "rename", "fsync dir", "index commit")
 
-    A single sender waits for each C-STORE response, so this is a floor on the node's
-    per-instance latency with durable writes; storescp does not fsync at all.
+
+def durable_steps_ms(work: Path, data: bytes, n: int = 60) -> dict[str, float]:
+    """Median cost of each step of the spool's durable protocol on the work disk, in ms.
+
+    The same steps as ``Spool.store`` with durable writes: write a new temporary file, fsync it,
+    rename it into place, fsync the directory, commit the index row (SQLite WAL, synchronous=FULL,
+    through the node's own :class:`Index`).  A single sender waits for each C-STORE response, so
+    their sum is a floor on the node's per-instance time with fsync; storescp does none of them.
     """
-    from medclf_node.ingest.spool import write_atomic
+    from medclf_node.ingest.index import Index, InstanceRecord
 
     d = work / "fsync-probe"
     d.mkdir()
-    data = os.urandom(size)
-    t0 = time.perf_counter()
-    for i in range(n):
-        write_atomic(d / f"{i}.dcm", data)
-    return (time.perf_counter() - t0) / n * 1e3
+    index = Index(d, durable=True)
+    steps: dict[str, list[float]] = {k: [] for k in DURABLE_STEPS}
+    try:
+        for i in range(n):
+            tmp, final = d / f".{i}.tmp", d / f"{i}.dcm"
+            t0 = time.perf_counter()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            t1 = time.perf_counter()
+            os.fsync(fd)
+            os.close(fd)
+            t2 = time.perf_counter()
+            os.replace(tmp, final)
+            t3 = time.perf_counter()
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
+            t4 = time.perf_counter()
+            index.record_instance(InstanceRecord(f"1.2.3.{i}", "1.2.3", "1.2", "1.2.840.10008.5.1.4.1.1.2",
+                                                 "1.2.840.10008.1.2.1", final.name, len(data), "BENCH", "a", t4))
+            t5 = time.perf_counter()
+            for key, (a, b) in zip(DURABLE_STEPS, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)), strict=True):
+                steps[key].append((b - a) * 1e3)
+    finally:
+        index.close()
+    return {k: statistics.median(v) for k, v in steps.items()}
 
 
 def enter_netns() -> bool:
@@ -220,9 +247,12 @@ def main() -> int:
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"series: {len(files)} instances, {args.size}x{args.size}, {mb:.0f} MB; "
               f"network namespace: {'private' if in_ns else 'host loopback'}")
-        ms = durable_write_ms(work, files[0].stat().st_size)
-        print(f"durable write of one instance on this disk: {ms:.1f} ms "
-              f"(single-sender ceiling with fsync ~{1000 / ms:.0f} inst/s before any network work)")
+        steps = durable_steps_ms(work, files[0].read_bytes())
+        total = sum(steps.values())
+        print("durable protocol per instance on this disk (medians): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items())
+              + f"; sum {total:.2f} ms (single-sender ceiling with fsync ~{1000 / total:.0f} inst/s "
+              "before any network work)")
         if args.idle_seconds > 0:
             no_assoc, with_assoc = idle_cpu(work, args.idle_seconds)
             print(f"idle node CPU over {args.idle_seconds:.0f} s: {100 * no_assoc:.1f}% of a core, "
