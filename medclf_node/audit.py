@@ -27,9 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from medclf_node.dicom_uid import is_valid_uid
+
 log = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_TEXT = 500
 INVALID_UID = "<invalid-uid>"
@@ -70,7 +71,7 @@ def _clean(key: str, value: object) -> Scalar:
         raise AuditFieldError(f"audit field {key!r} must be a scalar, got {type(value).__name__}")
     if key.endswith("_uid"):
         uid = value.strip().rstrip("\x00")
-        return uid if len(uid) <= 64 and _UID_RE.match(uid) else INVALID_UID
+        return uid if is_valid_uid(uid) else INVALID_UID
     text = _CTRL_RE.sub(" ", value).strip()
     if key.endswith("_ae"):
         return text[:16]

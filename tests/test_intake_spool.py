@@ -47,7 +47,8 @@ def with_uid(path: Path, **uids: str) -> bytes:
 @pytest.mark.parametrize(
     "uid,ok",
     [("1.2.840.10008.1.2", True), ("0.1", True), ("1.02", False), ("1..2", False), ("1.2.", False),
-     ("../../etc", False), ("1/2", False), ("", False), ("1." + "1" * 62, True), ("1." + "1" * 63, False)],
+     ("../../etc", False), ("1/2", False), ("", False), ("1.2.3\n", False), ("1." + "1" * 62, True),
+     ("1." + "1" * 63, False)],
 )
 def test_uid_grammar(uid: str, ok: bool) -> None:
     assert is_valid_uid(uid) is ok

@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medclf_node.config import RuleSection
+from medclf_node.dicom_uid import is_valid_uid
 from medclf_node.ingest.dicom_scan import ScanResult, scan_header
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ _TAGS = [
 ]
 
 
-_UID_RE = re.compile(r"(?=.{1,64}$)(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 class HeaderError(ValueError):
@@ -320,7 +320,7 @@ def check_rules(rules: Sequence[RuleSection], known_models: Iterable[str] | None
         if not rule.modality:
             problems.append(f"{where}: modality is empty, so the rule can never match")
         for uid in rule.sop_class_uids:
-            if not _UID_RE.fullmatch(uid):
+            if not is_valid_uid(uid):
                 problems.append(f"{where}: sop_class_uids entry {uid!r} is not a valid UID")
         clash = _upper(rule.image_type_includes) & _upper(rule.image_type_excludes)
         if clash:

@@ -33,6 +33,7 @@ from pydicom import dcmread
 from pydicom.tag import Tag
 
 from medclf_node.config import LimitsSection
+from medclf_node.dicom_uid import is_valid_uid
 from medclf_node.ingest.index import Index, InstanceRecord, RecordOutcome
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ STATUS_UNEXPECTED = 0xC211
 SPOOL_DIRNAME = "spool"
 TMP_MARK = ".tmp-"
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _HEADER_TAGS = [
     Tag(0x0008, 0x0016),  # SOPClassUID
     Tag(0x0008, 0x0018),  # SOPInstanceUID
@@ -54,11 +54,6 @@ _HEADER_TAGS = [
     Tag(0x0028, 0x0010),  # Rows            } header only: pixel data is never decoded here
     Tag(0x0028, 0x0011),  # Columns         }
 ]
-
-
-def is_valid_uid(value: str) -> bool:
-    """DICOM UID grammar (PS3.5 9.1): digits and dots, <= 64 chars, no leading zeros."""
-    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
 
 
 class StoreError(Exception):

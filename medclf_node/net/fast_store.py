@@ -17,10 +17,10 @@ against pydicom and the response bytes against pynetdicom's.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 
+from medclf_node.dicom_uid import is_valid_uid
 from medclf_node.net.store_rsp import encode_store_response_fields
 
 C_STORE_RQ = 0x0001
@@ -39,7 +39,6 @@ _STORE_RQ_ELEMENTS: dict[int, int | None] = {
     0x1030: None,  # MoveOriginatorApplicationEntityTitle AE
     0x1031: 2,  # MoveOriginatorMessageID US
 }
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _PDV_HEADER = struct.Struct(">LB")
 _ELEMENT_HEADER = struct.Struct("<HHL")
 _US = struct.Struct("<H")
@@ -80,9 +79,7 @@ def _uid(raw: bytes) -> str | None:
     if not raw.isascii():
         return None
     text = raw.decode("ascii").rstrip("\x00 ")
-    if not text or len(text) > 64 or not _UID_RE.fullmatch(text):
-        return None
-    return text
+    return text if is_valid_uid(text) else None
 
 
 def _plain_ae(raw: bytes) -> bool:

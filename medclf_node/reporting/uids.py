@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Literal
+
+from medclf_node.dicom_uid import is_valid_uid
 
 log = logging.getLogger(__name__)
 
 _NAMESPACE = "medclf-node/result-uid/v1"
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 ObjectKind = Literal["sr", "sc"]
-
-
-def is_valid_uid(uid: str) -> bool:
-    """True for a syntactically valid DICOM UID (digits and dots, no leading zeros, <= 64 chars)."""
-    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
 
 
 def derive_uid(*parts: str) -> str:
