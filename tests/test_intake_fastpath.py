@@ -28,7 +28,19 @@ from hypothesis import strategies as st
 from intake_series import write_ct_series
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
-from pynetdicom import AE, acse, association, dimse, dimse_messages, dsutils, dul, events, transport
+from pynetdicom import (
+    AE,
+    acse,
+    association,
+    dimse,
+    dimse_messages,
+    dsutils,
+    dul,
+    events,
+    fsm,
+    service_class,
+    transport,
+)
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -38,7 +50,7 @@ from medclf_node.ingest.spool import StoreError, _parse_with_pydicom, parse_head
 from medclf_node.net import part10, reactor, store_rsp
 from medclf_node.net.scp import StoreSCP
 
-# sha256[:16] of the pynetdicom 3.0.4 source of everything reactor.py / part10.py copies,
+# sha256[:16] of the pynetdicom 3.0.4 source of everything reactor.py / part10.py / fast_store.py copies,
 # overrides or relies on.  A mismatch means pynetdicom changed: re-read the new code, port
 # the change into medclf_node/net/reactor.py (or part10.py), then update the hash here.
 PINNED = {
@@ -63,6 +75,15 @@ PINNED = {
     "events.Event.encoded_dataset": "879e44cd3dc43358",
     "events.Event.file_meta": "dfb0c2851e2e2614",
     "dsutils.create_file_meta": "035ed415f5aeea15",
+    # the C-STORE fast path (fast_store.py, WakeableDUL._take_pdata) copies or mirrors these
+    "dul.DULServiceProvider._read_pdu_data": "19f2d4e38c13c835",
+    "dul.DULServiceProvider._decode_pdu": "fc71dd1bf853e1ce",
+    "fsm.DT_2": "9ec543394e0b49eb",
+    "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a76be",
+    "dimse_messages.DIMSEMessage.message_to_primitive": "f8f43d34e43450ef",
+    "association.Association._serve_request": "2f24c1759cdf6c8c",
+    "service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
+    "transport.AssociationSocket.send": "1ea8158c0b51faca",
 }
 MODULES = {
     "acse": acse,
@@ -72,6 +93,8 @@ MODULES = {
     "dsutils": dsutils,
     "dul": dul,
     "events": events,
+    "fsm": fsm,
+    "service_class": service_class,
     "transport": transport,
 }
 
