@@ -343,3 +343,22 @@ def test_protocol_violation_inside_a_data_set_aborts_and_stores_nothing(
     assert not list((tmp_path / "fast-True" / "spool").rglob(f"{uid}.dcm"))
     assert _send(node.port, [pydicom.dcmread(write_ct_series(tmp_path / "ok", 1, 16, 16, seed=14)[0])],
                  ExplicitVRLittleEndian) == [0]
+
+
+def test_a_data_set_over_the_size_limit_is_counted_not_held(tmp_path: Path) -> None:
+    """limits.max_instance_bytes: the DUL drops the fragments past it and answers 0xA700 itself."""
+    cfg = parse_config({"node": {"ae_title": NODE, "port": 0, "data_dir": str(tmp_path)},
+                        "accept": {"calling_ae_titles": [SENDER]}, "limits": {"max_instance_bytes": 20_000}})
+    index = Index(tmp_path)
+    _Counting.fast_calls = 0
+    node = _Counting(cfg, Spool(tmp_path, index, durable=False, limits=cfg.limits))
+    node.start()
+    try:
+        big = pydicom.dcmread(write_ct_series(tmp_path / "big", 1, 128, 128, seed=15)[0])  # 32 kB of pixels
+        small = pydicom.dcmread(write_ct_series(tmp_path / "small", 1, 16, 16, seed=16)[0])
+        assert _send(node.port, [big, small], ExplicitVRLittleEndian) == [0xA700, 0]
+    finally:
+        node.stop()
+        index.close()
+    assert _Counting.fast_calls == 1  # only the small one reached the handler
+    assert [p.stem for p in (tmp_path / "spool").rglob("*.dcm")] == [small.SOPInstanceUID]

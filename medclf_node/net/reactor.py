@@ -132,6 +132,7 @@ class WakeableDUL(DULServiceProvider):
         self._fast_req: StoreRequest | None = None
         self._fast_head = b""
         self._fast_data: list[memoryview] = []
+        self._fast_size = 0  # bytes of the data set so far; past the server's limit they are dropped
 
     # --- waking -------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -264,7 +265,11 @@ class WakeableDUL(DULServiceProvider):
                     self._fast_req, self._fast_data = None, []
                     self.assoc.abort(block=False)
                     return True
-                self._fast_data.append(fragment)
+                self._fast_size += len(fragment)
+                if self._fast_size <= self._fast_limit():
+                    self._fast_data.append(fragment)
+                elif self._fast_data:
+                    self._fast_data = []  # over the limit: keep counting, stop holding
                 if control & 2:
                     self._complete_fast_store()
                 continue
@@ -286,7 +291,7 @@ class WakeableDUL(DULServiceProvider):
         handler = self._fast_handler()
         assoc = self.assoc
         context = assoc._accepted_cx.get(context_id)
-        if handler is not None and context is not None and assoc.is_established and not assoc._sent_release:
+        if handler is not None and context is not None and self._may_serve():
             request = decode_store_request(command, context_id)
         head = None
         if request is not None and self._is_storage(request.sop_class_uid):
@@ -297,7 +302,22 @@ class WakeableDUL(DULServiceProvider):
             self._replay_command()
             return
         self._cmd_pdvs = []
-        self._fast_req, self._fast_head, self._fast_data = request, head, []
+        self._fast_req, self._fast_head, self._fast_data, self._fast_size = request, head, [], 0
+
+    def _fast_limit(self) -> int:
+        """The server's largest data set in bytes (``limits.max_instance_bytes``); unlimited if unset."""
+        limit = getattr(getattr(self.assoc, "_server", None), "fast_store_max_bytes", None)
+        return limit if isinstance(limit, int) else 1 << 62
+
+    def _may_serve(self) -> bool:
+        """Sta6 and neither releasing nor aborting.
+
+        Not ``assoc.is_established``: the association thread sets that only after it queued the
+        A-ASSOCIATE-AC, so a peer's first P-DATA can arrive (and be read here, in Sta6) before it.
+        """
+        assoc = self.assoc
+        return (self.state_machine.current_state == "Sta6" and not assoc._sent_release
+                and not getattr(assoc, "_sent_abort", False) and not assoc.is_aborted)
 
     def _is_storage(self, sop_class_uid: str) -> bool:
         """True when pynetdicom would serve this SOP class with its plain Storage service class."""
@@ -320,21 +340,26 @@ class WakeableDUL(DULServiceProvider):
 
     def _complete_fast_store(self) -> None:
         request, head, fragments = cast(StoreRequest, self._fast_req), self._fast_head, self._fast_data
-        self._fast_req, self._fast_head, self._fast_data = None, b"", []
+        size = self._fast_size
+        self._fast_req, self._fast_head, self._fast_data, self._fast_size = None, b"", [], 0
         assoc = self.assoc
-        if assoc._sent_release or not assoc.is_established:
-            log.warning("C-STORE request received during association release, ignoring")
+        if not self._may_serve():
+            log.warning("C-STORE request received during association release or abort, ignoring")
             return
         handler = self._fast_handler()
         status = 0xC211
         try:
-            if handler is not None:
+            if size > self._fast_limit():
+                log.warning("C-STORE refused with 0xA700: data set of %d bytes exceeds limits.max_instance_bytes",
+                            size)
+                status = 0xA700
+            elif handler is not None:
                 status = handler(cast(Association, assoc), request, head, fragments)
         except Exception:  # the handler maps its own errors; this is the last line of defence
             log.exception("fast C-STORE handler failed")
             status = 0xC211
         pdu = store_response_pdu(request, status)
-        if pdu is None or not assoc.is_established:
+        if pdu is None or not self._may_serve():
             if pdu is None:
                 log.error("cannot encode the C-STORE response (status %r), aborting the association", status)
                 assoc.abort(block=False)

@@ -108,6 +108,8 @@ class NoDelayServer(ThreadedAssociationServer):
     request_queue_size = 128
     #: read by reactor.WakeableDUL: the C-STORE fast path's handler (None: pynetdicom's path only)
     fast_store: reactor.FastStoreHandler | None = None
+    #: larger C-STORE data sets are counted, not held, and refused with 0xA700 (limits.max_instance_bytes)
+    fast_store_max_bytes: int | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -224,6 +226,7 @@ class StoreSCP:
             request_handler=reactor.request_handler(),
         ))
         server.fast_store = self._fast_store if self.fast_path else None
+        server.fast_store_max_bytes = self.cfg.limits.max_instance_bytes
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
         self._thread = threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True)
