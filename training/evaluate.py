@@ -276,14 +276,19 @@ def evaluate_scores(
         report["test_slices"] = binary_report(test[1], test[2], threshold, n_boot=n_boot, bins=bins)
     report["plots"] = [p.name for p in plot_curves(ty, ts, out_dir, "test_series")]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=json_default), encoding="utf-8")
     t = report["test_series"]
     log.info("test series AUC %.4f (95%% CI %.4f-%.4f) sens %.3f spec %.3f at threshold %.4f",
              t["auc"], *t["auc_ci95"], t["confusion"]["sensitivity"], t["confusion"]["specificity"], threshold)
     return report
 
 
-def _json_default(o: object) -> object:
+def json_default(o: object) -> object:
+    """``json.dumps(default=...)`` for reports: numpy scalars and arrays, paths."""
     if isinstance(o, np.generic):
         return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -12,7 +12,6 @@ The data is built before TensorFlow is imported, so it can be rendered in forked
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
@@ -45,6 +44,12 @@ from training.recipes.phantom_sets import (
     default_workers,
     series_samples,
 )
+from training.recipes.recipe_output import (
+    REPORT_FILE,
+    artifact_bytes,
+    split_summaries,
+    write_evaluation,
+)
 from training.recipes.series_eval import EvalSeries, build_eval_series, slice_scores
 
 log = logging.getLogger(__name__)
@@ -53,9 +58,6 @@ MODEL_NAME = "nodule-2p5d-int8"
 MODEL_VERSION = "1.0.0"
 INT8_FILE = "model_int8.tflite"
 FP32_FILE = "model_fp32.tflite"
-REPORT_FILE = "evaluation.json"
-CARD_FILE = "MODEL_CARD.md"
-MAX_MODEL_BYTES = 10 * 1024 * 1024
 LUNG_WINDOW = Window(center=-600.0, width=1500.0)
 
 #: 3.5 mm isotropic model grid: a 300-slice 512x512 series (0.7 x 0.7 x 1 mm) becomes 86 inputs of
@@ -426,9 +428,7 @@ def run_recipe(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offse
         "model_config": cfg.model.model_dump(mode="json"), "fit": cfg.fit.model_dump(mode="json"),
         "augment": {**AUGMENT, "shift_px": SHIFT_PX},
         "size": asdict(size),
-        "splits": {k: {"first_seed": p.first_seed, "count": p.count, "shapes": [list(s) for s in p.shapes],
-                       "spacing_jitter": p.spacing_jitter, "radius_range_mm": list(p.radius_range_mm)}
-                   for k, p in plans.items()},
+        "splits": split_summaries(plans),
         "positives_rule": "odd seed: 1-3 nodules (training.recipes.phantom_sets.nodules_for_seed), even: none",
         "data": {"train_slice_samples": train_summary,
                  "val_series": len(val_series), "val_positive": sum(s.label for s in val_series),
@@ -441,15 +441,10 @@ def run_recipe(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offse
         "int8": served, "fp32": reports[FP32_FILE], "int8_minus_fp32_test_auc": delta,
         "keras_vs_tflite_fp32_max_abs_diff": float(np.max(np.abs(keras_p - tflite_p))),
         "node_parity": parity, "latency": latency,
-        "artifact_bytes": {a.path: (model_dir / a.path).stat().st_size for a in artifacts},
+        "artifact_bytes": artifact_bytes(model_dir, [a.path for a in artifacts]),
         "stages": stages,
     }
-    (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n",
-                                         encoding="utf-8")
-    (model_dir / CARD_FILE).write_text(render_card(report, manifest), encoding="utf-8")
-    for a in artifacts:
-        if report["artifact_bytes"][a.path] > MAX_MODEL_BYTES:
-            raise RuntimeError(f"{a.path} is larger than 10 MB")
+    write_evaluation(model_dir, report, render_card(report, manifest))
     log.info("wrote %s in %.0f s: test AUC %.4f, int8-fp32 %.4f", model_dir, stages["total_seconds"],
              metrics["test_series_auc"], delta)
     return model_dir
@@ -469,16 +464,6 @@ def _node_parity(model_dir: Path, series: list[EvalSeries], scores: list[npt.NDA
     if worst > 1e-5:
         raise RuntimeError(f"node predictor differs from the recipe's scoring by {worst:.2e}")
     return {"series": len(series), "max_abs_diff": worst}
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def _main_3d(args: argparse.Namespace) -> int:

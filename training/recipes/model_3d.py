@@ -22,7 +22,6 @@ evaluate, card) in a few minutes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +44,12 @@ from medclf_node.inference.manifest import (
 )
 from medclf_node.preprocess import PreprocessSpec, Window, resample, volume_3d
 from training.recipes.phantom_sets import RecipeSize, SplitPlan, parallel_map, phantom_for
+from training.recipes.recipe_output import (
+    REPORT_FILE,
+    artifact_bytes,
+    split_summaries,
+    write_evaluation,
+)
 from training.recipes.series_eval import EvalSeries
 
 log = logging.getLogger(__name__)
@@ -54,9 +59,6 @@ MODEL_NAME = "nodule-3d-cbam"
 MODEL_VERSION = "1.0.0"
 FP16_FILE = "model_fp16.tflite"
 SAVED_MODEL_DIR = "saved_model"
-REPORT_FILE = "evaluation.json"
-CARD_FILE = "MODEL_CARD.md"
-MAX_MODEL_BYTES = 10 * 1024 * 1024
 LUNG_WINDOW = Window(center=-600.0, width=1500.0)
 
 #: 5 mm slices, 3.5 mm in-plane (as the 2.5D model): 96 x 96 covers 336 mm (both lungs of every
@@ -447,9 +449,7 @@ def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_of
                                                          "edge_slices": EDGE_SLICES},
         "model_config": cfg.model.model_dump(mode="json"), "fit": cfg.fit.model_dump(mode="json"),
         "augment": AUGMENT, "size": asdict(size), "threads": threads,
-        "splits": {k: {"first_seed": p.first_seed, "count": p.count, "shapes": [list(s) for s in p.shapes],
-                       "spacing_jitter": p.spacing_jitter, "radius_range_mm": list(p.radius_range_mm)}
-                   for k, p in plans.items()},
+        "splits": split_summaries(plans),
         "data": {"train_windows": train_summary,
                  "val_series": len(val_series), "val_positive": sum(s.label for s in val_series),
                  "test_series": len(test_series), "test_positive": sum(s.label for s in test_series)},
@@ -460,16 +460,10 @@ def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_of
         "fp16_minus_fp32_test_auc": delta,
         "keras_vs_fp16_max_abs_diff": float(np.max(np.abs(keras_p - fp16_p))),
         "node_parity": parity, "latency": latency,
-        "artifact_bytes": {FP16_FILE: (model_dir / FP16_FILE).stat().st_size,
-                           SAVED_MODEL_DIR: sum(p.stat().st_size for p in (model_dir / SAVED_MODEL_DIR).rglob("*")
-                                                if p.is_file())},
+        "artifact_bytes": artifact_bytes(model_dir, [FP16_FILE, SAVED_MODEL_DIR]),
         "stages": stages,
     }
-    (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    (model_dir / CARD_FILE).write_text(render_card_3d(report, manifest), encoding="utf-8")
-    for name, n in report["artifact_bytes"].items():
-        if n > MAX_MODEL_BYTES:
-            raise RuntimeError(f"{name} is larger than 10 MB")
+    write_evaluation(model_dir, report, render_card_3d(report, manifest))
     log.info("wrote %s in %.0f s: test AUC %.4f (fp16), SavedModel %.4f", model_dir, stages["total_seconds"],
              metrics["test_series_auc"], metrics["saved_model_test_series_auc"])
     return model_dir
@@ -487,16 +481,6 @@ def _val_windows(series: list[EvalSeries], centres: dict[str, Centres]
         ys.append(y[~amb])
         ids += [s.patient_id] * int((~amb).sum())
     return np.concatenate(xs), np.concatenate(ys), np.asarray(ids)
-
-
-def _json_default(o: object) -> object:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 __all__ = ["FULL_3D", "SPEC", "TINY_3D", "run_recipe_3d", "window_labels", "window_starts"]
