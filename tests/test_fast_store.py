@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from io import BytesIO
@@ -361,4 +362,32 @@ def test_a_data_set_over_the_size_limit_is_counted_not_held(tmp_path: Path) -> N
         node.stop()
         index.close()
     assert _Counting.fast_calls == 1  # only the small one reached the handler
+    assert [p.stem for p in (tmp_path / "spool").rglob("*.dcm")] == [small.SOPInstanceUID]
+
+
+def test_a_data_set_over_the_size_limit_on_the_stock_path_aborts(tmp_path: Path) -> None:
+    """A request the fast path declines is held by pynetdicom: past the limit the association is aborted."""
+    cfg = parse_config({"node": {"ae_title": NODE, "port": 0, "data_dir": str(tmp_path)},
+                        "accept": {"calling_ae_titles": [SENDER]}, "limits": {"max_instance_bytes": 20_000}})
+    index = Index(tmp_path)
+    node = StoreSCP(cfg, Spool(tmp_path, index, durable=False, limits=cfg.limits))
+    node.start()
+    try:
+        big = pydicom.dcmread(write_ct_series(tmp_path / "big", 1, 128, 128, seed=17)[0])
+        big.SOPInstanceUID = "1.2.03.4"  # declined by decode_store_request: pynetdicom receives it
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE)
+        assert assoc.is_established
+        rsp = assoc.send_c_store(big)
+        assert "Status" not in rsp  # no response: the node aborted
+        deadline = time.monotonic() + 5
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert assoc.is_aborted
+        small = pydicom.dcmread(write_ct_series(tmp_path / "small", 1, 16, 16, seed=18)[0])
+        assert _send(node.port, [small], ExplicitVRLittleEndian) == [0]
+    finally:
+        node.stop()
+        index.close()
     assert [p.stem for p in (tmp_path / "spool").rglob("*.dcm")] == [small.SOPInstanceUID]

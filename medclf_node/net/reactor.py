@@ -133,6 +133,8 @@ class WakeableDUL(DULServiceProvider):
         self._fast_head = b""
         self._fast_data: list[memoryview] = []
         self._fast_size = 0  # bytes of the data set so far; past the server's limit they are dropped
+        self._stock_size = 0  # the same for a message replayed into pynetdicom
+        self._aborting = False  # A-ABORT requested here: drop whatever P-DATA still arrives
 
     # --- waking -------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -248,22 +250,24 @@ class WakeableDUL(DULServiceProvider):
         """
         if self.state_machine.current_state != "Sta6":
             return False
+        if self._aborting:
+            return True
         pdvs = split_pdvs(body)
         if pdvs is None:
             if self._fast_req is not None:  # the data set of a C-STORE cannot continue in garbage
                 log.warning("malformed P-DATA-TF PDU inside a C-STORE data set, aborting the association")
-                self._fast_req, self._fast_data = None, []
-                self.assoc.abort(block=False)
+                self._abort()
                 return True
             self._replay_command()
             return False
         dimse = self.assoc.dimse
         for context_id, control, fragment in pdvs:
+            if self._aborting:
+                return True
             if self._fast_req is not None:
                 if control & 1:
                     log.warning("command fragment inside a C-STORE data set, aborting the association")
-                    self._fast_req, self._fast_data = None, []
-                    self.assoc.abort(block=False)
+                    self._abort()
                     return True
                 self._fast_size += len(fragment)
                 if self._fast_size <= self._fast_limit():
@@ -283,6 +287,12 @@ class WakeableDUL(DULServiceProvider):
         if not self.to_user_queue.empty() or not dimse.msg_queue.empty():
             self._notify_assoc()
         return True
+
+    def _abort(self) -> None:
+        """A-ABORT from the DUL thread (non-blocking); forget the message being received."""
+        self._aborting = True
+        self._fast_req, self._fast_data, self._cmd_pdvs, self._stock_size = None, [], [], 0
+        self.assoc.abort(block=False)
 
     def _start_message(self, context_id: int) -> None:
         """The command set is complete: a C-STORE for the fast path, or everything to pynetdicom."""
@@ -332,11 +342,25 @@ class WakeableDUL(DULServiceProvider):
         self._to_dimse(pending)
 
     def _to_dimse(self, pdvs: list[tuple[int, int, memoryview]]) -> None:
-        """Deliver PDVs to pynetdicom's DIMSE provider as DT-2 would (one P-DATA per PDV)."""
+        """Deliver PDVs to pynetdicom's DIMSE provider as DT-2 would (one P-DATA per PDV).
+
+        pynetdicom holds a message's data set in memory until its last fragment; past the
+        server's ``fast_store_max_bytes`` (``limits.max_instance_bytes``) the association is
+        aborted instead (the fast path answers 0xA700; this path cannot without pynetdicom's help).
+        """
+        dimse = self.assoc.dimse
         for context_id, control, fragment in pdvs:
+            if dimse.message is None:
+                self._stock_size = 0
+            if not control & 1:
+                self._stock_size += len(fragment)
+                if self._stock_size > self._fast_limit():
+                    log.warning("data set over limits.max_instance_bytes on the stock path, aborting the association")
+                    self._abort()
+                    return
             primitive = P_DATA()
             primitive.presentation_data_value_list = [[context_id, bytes((control,)) + bytes(fragment)]]  # type: ignore[list-item]
-            self.assoc.dimse.receive_primitive(primitive)
+            dimse.receive_primitive(primitive)
 
     def _complete_fast_store(self) -> None:
         request, head, fragments = cast(StoreRequest, self._fast_req), self._fast_head, self._fast_data
