@@ -267,7 +267,8 @@ class LimitsSection(_Section):
     )
     max_instance_bytes: int = Field(
         1 << 30, ge=1, description="Largest encoded instance accepted; larger ones get C-STORE status "
-        "0xA700 (refused: out of resources) and are not stored.",
+        "0xA700 (refused: out of resources) and are not stored, nor held in memory past this size (an unusual "
+        "request that pynetdicom decodes itself gets an A-ABORT instead).",
     )
     max_instances_per_series: int = Field(
         10000, ge=1, description="Instances stored per series; further new instances get 0xA700.",
