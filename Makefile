@@ -40,10 +40,13 @@ system-deps:
 
 # pytest runs in a loopback-only network namespace (Orthanc binds all interfaces; installs stay
 # outside it); MEDCLF_REQUIRE_ORTHANC=1 makes the Orthanc round trip fail rather than skip.
+# The tests run in one pytest-xdist worker (-n 1): a native crash (a TensorFlow kernel that
+# segfaults on this CPU) fails that test with its signal (tests/native_crash.py), a new worker
+# takes over and the suite reaches its summary.
 test: system-deps $(VENV)/.all-installed
 	$(VENV)/bin/ruff check medclf_node training tests benchmarks
 	$(VENV)/bin/mypy
-	MEDCLF_REQUIRE_ORTHANC=1 tools/netns-loopback $(PY) -m pytest $(PYTEST_ARGS)
+	MEDCLF_REQUIRE_ORTHANC=1 tools/netns-loopback $(PY) -m pytest -n 1 --max-worker-restart 20 $(PYTEST_ARGS)
 
 bench: $(VENV)/.all-installed
 	$(PY) benchmarks/ingest.py

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["native_crash"]  # a segfault in one test fails that test, the suite goes on
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE_AE = "MEDCLF"
 SENDER_AE = "SCANNER"

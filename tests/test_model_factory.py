@@ -11,6 +11,7 @@ from medclf_node.preprocess import PreprocessSpec, Window
 from training.modeling.cbam3d import cbam_block
 from training.modeling.config import ModelConfig
 from training.modeling.factory import build_model, model_input_shape
+from training.precision import PrecisionUnsupportedError, choose_policy, probe
 from training.tfenv import keras, tf
 from training.train import precision_policy
 
@@ -132,8 +133,18 @@ def test_family_and_spec_dimensionality_must_agree() -> None:
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 @pytest.mark.parametrize(("family", "spec"), [("cnn2d", SPEC_25D), ("cnn3d_cbam", SPEC_3D)])
 def test_train_step_under_precision(family: str, spec: PreprocessSpec, precision: str) -> None:
+    """One step in-process where the machine can run it; where the subprocess probe saw the policy crash
+    (bf16 Conv3D backward on AVX-512-BF16 CPUs), the product must refuse or fall back instead."""
+    cfg = ModelConfig(family=family, base_filters=4)
+    if precision != "float32":
+        verdict = probe(precision, cfg, spec)
+        if not verdict.ok:
+            assert choose_policy("auto", cfg, spec, gpu=False) == "float32"
+            with pytest.raises(PrecisionUnsupportedError, match="fit.precision = 'mixed_bfloat16' cannot train"):
+                choose_policy(precision, cfg, spec, gpu=False)
+            pytest.skip(f"{precision} {family} cannot train on this CPU ({verdict.reason}); fallback checked")
     with precision_policy(precision):
-        model = build_model(ModelConfig(family=family, base_filters=4), spec)
+        model = build_model(cfg, spec)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the block
     compute = model.get_layer("head_logit").compute_dtype
     assert compute == "float32"  # the output layer stays float32 under mixed precision
