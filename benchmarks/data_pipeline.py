@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import describe_machine
 
 
 def _time(fn: Any) -> float:
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--skip-volume", action="store_true")
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
     np.seterr(all="ignore")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine
 from pydicom import dcmread
 
 from medclf_node.config import DEFAULT_MODELS_DIR
@@ -107,6 +108,7 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     ap.add_argument("--model", default="nodule-2p5d-int8")
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
 
     env = {**os.environ, "TCP_NODELAY": "1"}
     with tempfile.TemporaryDirectory(prefix="medclf-e2e-") as tmp:

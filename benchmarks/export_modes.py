@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -173,6 +174,7 @@ def main() -> int:
     )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
     if args.model_dir is not None:
         return report_model_dir(args.model_dir, args.threads, args.runs)
 

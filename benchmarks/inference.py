@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="best of N")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
 
     spacing = (1.0, 0.7, 0.7)
     fov = args.size * spacing[1]

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -238,6 +240,7 @@ def main() -> int:
                     help="measure the idle node's CPU for this long, without and with an open association (0: skip)")
     in_ns = enter_netns()
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
     from intake_series import write_ct_series
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="medclf-bench-"))

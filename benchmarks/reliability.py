@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ["tests/test_faults.py", "tests/test_load.py", "tests/test_fuzz.py", "tests/test_badinput.py",
               "tests/test_limits.py", "tests/test_tls.py"]
@@ -151,6 +153,7 @@ def main() -> int:
     ap.add_argument("--load-slices", type=int, default=300)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
     args = ap.parse_args()
+    print(describe_machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         figures = Path(tmp) / "figures.jsonl"
         junit = Path(tmp) / "junit.xml"

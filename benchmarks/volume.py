@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,6 +136,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.dir, args.trace)))
         return
+    print(describe_machine())
     tmp = None
     directory = args.dir
     if directory is None:

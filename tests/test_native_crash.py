@@ -63,3 +63,15 @@ def test_without_isolation_the_crash_takes_the_run_down(tmp_path: Path) -> None:
     proc = _inner_run(tmp_path, "-p", "no:xdist")
     assert proc.returncode == -11, proc.stdout + proc.stderr  # SIGSEGV took pytest itself down
     assert "passed" not in proc.stdout and "failed" not in proc.stdout  # no summary line
+
+
+def test_benchmarks_name_the_cpu_flags_behind_their_figures() -> None:
+    sys.path.insert(0, str(TESTS_DIR.parent / "benchmarks"))
+    try:
+        from machine import cpu_flags, describe_machine
+    finally:
+        sys.path.pop(0)
+    sample = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+    assert cpu_flags(sample) == ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")
+    assert cpu_flags("flags : sse2 avx2\n") == ("avx2",)
+    assert describe_machine().startswith("machine: ") and " cores, flags " in describe_machine()
