@@ -44,6 +44,7 @@ def test_shuffled_series_matches_highdicom_reference(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.array, ref.array.astype(np.float32))
     np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-9)
     assert vol.spacing == pytest.approx(ref.spacing)
+    assert "".join(v.value for v in ref.get_closest_patient_orientation()) == "FPL"  # HFS is canonical as is
     # index runs along -normal: the highest z first (head to feet for an axial series)
     np.testing.assert_array_equal(vol.array, hu[::-1])
     assert [r.sop_instance_uid for r in vol.slice_refs] == [d.SOPInstanceUID for d in ds[::-1]]
@@ -61,9 +62,11 @@ def test_oblique_orientation_matches_highdicom(tmp_path: Path) -> None:
     positions = [tuple(np.array([10.0, 20.0, 30.0]) + k * 3.0 * normal) for k in range(6)]
     ds = make_series(hu, positions, orientation=(*row, *col))
     vol = assemble_volume(_write(tmp_path, ds), RESAMPLE)
-    ref = hd.get_volume_from_series(ds)
+    # Oblique: taken to the nearest patient axes (feet, posterior, left) without resampling.
+    ref = hd.get_volume_from_series(ds).to_patient_orientation("FPL")
     np.testing.assert_array_equal(vol.array, ref.array.astype(np.float32))
     np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-6)
+    assert any("oblique" in note and "17.2 deg" in note for note in vol.notes)
 
 
 def test_removed_slice_refused_or_interpolated(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -92,10 +93,19 @@ def test_corrupt_compressed_pixels_refused(tmp_path: Path) -> None:
 def test_bundled_files_match_pydicom_reference(name: str) -> None:
     path = _bundled(name)
     vol = assemble_volume([path], POLICY)
-    np.testing.assert_allclose(vol.array, _reference_hu(path), rtol=1e-6, atol=1e-3)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    assert vol.spacing[1:] == pytest.approx([float(v) for v in ds.PixelSpacing])
-    np.testing.assert_allclose(vol.affine[:3, 3], [float(v) for v in ds.ImagePositionPatient])
+    # The reference in the node's canonical orientation (MR2_J2KR is an oblique sagittal slice).
+    ref = hd.Volume.from_attributes(
+        array=_reference_hu(path),
+        image_position=[float(v) for v in ds.ImagePositionPatient],
+        image_orientation=[float(v) for v in ds.ImageOrientationPatient],
+        pixel_spacing=[float(v) for v in ds.PixelSpacing],
+        spacing_between_slices=vol.spacing[int(np.argmax(np.array(vol.shape) == 1))],
+        coordinate_system="PATIENT",
+    ).to_patient_orientation("FPL")
+    np.testing.assert_allclose(vol.array, ref.array, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-6)
+    assert vol.spacing == pytest.approx(ref.spacing)
 
 
 def test_big_endian_equals_little_endian() -> None:
@@ -115,9 +125,9 @@ def test_bundled_enhanced_ct_uses_functional_groups() -> None:
         float(fg.PlanePositionSequence[0].ImagePositionPatient[2]) for fg in ds.PerFrameFunctionalGroupsSequence
     ]
     iop = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient]
-    normal_z = float(np.cross(iop[:3], iop[3:])[2])
-    order = np.argsort([-p * normal_z for p in positions], kind="stable")
-    np.testing.assert_array_equal(vol.array, expected[order])
+    assert iop[0] == -1.0  # columns run to the patient's right: the canonical array reverses them
+    order = np.argsort([-p for p in positions], kind="stable")  # canonical: most superior slice first
+    np.testing.assert_array_equal(vol.array, expected[order][:, :, ::-1])
     assert vol.spacing[1:] == pytest.approx((0.388672, 0.388672))
     assert [r.frame_number for r in vol.slice_refs] == [int(i) + 1 for i in order]
 

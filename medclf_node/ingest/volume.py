@@ -16,10 +16,31 @@ carries a machine-readable ``code`` and a sentence for a human.  Steps:
    compressed transfer syntaxes are decoded by pydicom's pixel handlers (pylibjpeg,
    pyjpegls).  Rescale slope/intercept are applied per slice while copying.
 
-Conventions (identical to ``highdicom.Volume``, checked in the tests): ``array[k, r, c]``;
-the slice index runs along ``-normal`` where ``normal = row_cosine x column_cosine`` (for an
-axial head-first series: head to feet), which makes (slice, row, column) a right-handed frame;
-``affine`` maps (k, r, c, 1) to patient LPS mm.
+4. **Canonical orientation** (:func:`canonical_reorientation`): the pixels land in one array
+   orientation whatever the patient position or acquisition plane, the one the NIfTI and
+   LUNA16 readers of ``training.data.readers`` produce and the shipped models were trained on.
+
+Conventions: ``array[k, r, c]`` with the slice index running toward the feet (slice 0 most
+superior), rows toward posterior and columns toward the patient's left, i.e. the index axes
+point to (I, P, L) in patient coordinates (``highdicom.Volume.to_patient_orientation("FPL")``,
+checked in the tests); ``affine`` maps (k, r, c, 1) to patient LPS mm.  The geometry is first
+planned in the acquisition frame (slice index along ``-normal``, ``normal = row_cosine x
+column_cosine``: the ``highdicom.get_volume_from_series`` frame) and the index axes are then
+permuted and reversed onto the canonical ones, the affine changed with them, so every voxel
+keeps its exact patient position.  A head-first supine axial series (IOP 1,0,0 / 0,1,0) is
+already canonical and passes through unchanged (byte for byte the array of earlier releases);
+head-first prone turns 180 degrees in-plane, feet-first flips z and left-right, coronal and
+sagittal stacks are transposed.  Oblique orientations go to the *nearest* patient axes (the
+same rule as nibabel's ``io_orientation`` for NIfTI): a permutation and flips, no resampling,
+the affine stays exact, a note gives the worst angle.
+
+Slice references: ``slice_refs[k]`` is the source image of canonical slice ``k`` for axial
+acquisitions (any patient position).  For a coronal or sagittal acquisition an axial slice cuts
+every source image along a line, so no single source image *is* the slice; ``slice_refs[k]``
+then names the middle source image of the stack (it intersects every axial slice through the
+centre of the field of view) for every ``k``: a real instance of the series, which the SR's key
+image reference and the SC's Source Image Sequence point to.  Such a volume's references no
+longer list every source image (see :func:`_canonical_refs`).
 
 HU decisions:
   * Rescale Slope/Intercept are the Modality LUT and give HU.  MONOCHROME1 only changes how
@@ -40,7 +61,8 @@ in-plane (more than 0.1 pixel); resampling shifts every slice onto slice 0's in-
 (linear, -1024 HU shifted in) so the volume is orthogonal.
 
 highdicom 0.28 ``get_volume_from_series`` was evaluated first and is the reference in the
-tests (identical array and affine on regular series).  It is not the engine here because it
+tests (identical array and affine on regular series, after its ``to_patient_orientation("FPL")``
+for other than head-first supine axial ones).  It is not the engine here because it
 needs full datasets with pixels (no headers-then-pixels into one float32 buffer), refuses
 gaps, uneven spacing and tilt with one generic message and does not resample, cannot pick
 one of several overlapping acquisitions, applies the MONOCHROME1 presentation inversion to
@@ -64,7 +86,7 @@ from pydicom.pixels import apply_modality_lut, iter_pixels
 from scipy import ndimage
 
 from medclf_node.config import LimitsSection, VolumeSection
-from medclf_node.domain import Volume
+from medclf_node.domain import SliceRef, Volume
 from medclf_node.ingest.volume_headers import ERROR_CODES, SliceHeader, VolumeError, read_slice_headers
 
 log = logging.getLogger(__name__)
@@ -75,6 +97,109 @@ PAD_HU = -1024.0  # fill for voxels a tilt correction shifts in from outside the
 POSITION_ATOL_MM = 0.01  # two slices closer than this along the normal share a position
 ORIENTATION_ATOL = 1e-3  # direction-cosine difference still counted as the same orientation
 TILT_FRACTION = 0.1  # in-plane offset above this fraction of a pixel counts as gantry tilt
+
+#: LPS unit vector each canonical index axis (slice, row, column) runs toward: feet, posterior, left.
+CANONICAL_DIRECTIONS = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+CANONICAL_AXCODES = ("I", "P", "L")  # the same, as patient direction letters (nibabel axcodes)
+_OPPOSITE = {"I": "S", "P": "A", "L": "R"}
+OBLIQUE_NOTE_DEG = 1.0  # index axes further than this from a patient axis are noted as oblique
+
+# ----------------------------------------------------------------------------------------
+# canonical orientation
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Permutation and reversals from an array's acquisition axes to the canonical (I, P, L) axes.
+
+    ``canonical = acquired.transpose(perm)`` with canonical axis ``j`` reversed where
+    ``flip[j]``: canonical axis ``j`` is acquisition axis ``perm[j]``.  Pure index bookkeeping,
+    shared by the node and the training readers so both orient every source alike.
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+    max_angle_deg: float  # worst angle between an acquisition axis and its patient axis
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    def _flips(self) -> tuple[slice, ...]:
+        return tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)
+
+    def shape(self, acq_shape: Sequence[int]) -> tuple[int, int, int]:
+        """Canonical array shape for an acquisition-ordered shape."""
+        return (int(acq_shape[self.perm[0]]), int(acq_shape[self.perm[1]]), int(acq_shape[self.perm[2]]))
+
+    def apply(self, acquired: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The canonical view of an acquisition-ordered array (no copy)."""
+        return acquired.transpose(self.perm)[self._flips()]
+
+    def acquisition_view(self, canonical: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A view of a canonical-layout buffer indexed like the acquisition, to write pixels into."""
+        if self.is_identity:
+            return canonical
+        inverse = tuple(int(i) for i in np.argsort(self.perm))
+        return canonical[self._flips()].transpose(inverse)
+
+    def index(self, acq_index: Sequence[float], acq_shape: Sequence[int]) -> tuple[float, float, float]:
+        """Canonical (slice, row, column) of a (possibly fractional) acquisition index."""
+        out = [
+            (acq_shape[a] - 1 - acq_index[a]) if f else acq_index[a]
+            for a, f in zip(self.perm, self.flip, strict=True)
+        ]
+        return (float(out[0]), float(out[1]), float(out[2]))
+
+    def affine(self, acq_affine: npt.NDArray[np.float64], acq_shape: Sequence[int]) -> npt.NDArray[np.float64]:
+        """The affine of the canonical array: same voxels, same patient positions."""
+        out = np.eye(4, dtype=np.float64)
+        origin = acq_affine[:3, 3].astype(np.float64).copy()
+        for j, (a, f) in enumerate(zip(self.perm, self.flip, strict=True)):
+            column = acq_affine[:3, a]
+            out[:3, j] = -column if f else column
+            if f:
+                origin += (acq_shape[a] - 1) * column
+        out[:3, 3] = origin
+        return out
+
+    def acquisition_codes(self) -> str:
+        """Patient direction letters of the acquisition axes (e.g. 'IAR' for head-first prone)."""
+        codes = [""] * 3
+        for j, (a, f) in enumerate(zip(self.perm, self.flip, strict=True)):
+            codes[a] = _OPPOSITE[CANONICAL_AXCODES[j]] if f else CANONICAL_AXCODES[j]
+        return "".join(codes)
+
+
+def canonical_reorientation(directions: npt.ArrayLike) -> Reorientation:
+    """Which acquisition axis becomes which canonical axis, and which run backwards.
+
+    ``directions`` is 3x3 with one column per acquisition index axis, its direction in patient
+    LPS (any length: an affine's 3x3 part will do).  Each canonical axis takes the acquisition
+    axis most nearly parallel to it (greedy on the largest |cosine|, so an oblique frame goes
+    to its nearest patient axes, as nibabel's ``io_orientation`` does).
+    """
+    d = np.asarray(directions, dtype=np.float64).reshape(3, 3)
+    norms = np.linalg.norm(d, axis=0)
+    if np.any(norms <= 0) or abs(float(np.linalg.det(d / norms))) < 1e-3:
+        raise ValueError(f"index axes {d.T.round(4).tolist()} do not span 3-D space")
+    cosines = CANONICAL_DIRECTIONS @ (d / norms)  # [canonical axis, acquisition axis]
+    left = np.abs(cosines)
+    perm = [0, 0, 0]
+    for _ in range(3):
+        j, a = np.unravel_index(int(np.argmax(left)), left.shape)
+        perm[int(j)] = int(a)
+        left[j, :] = -1.0
+        left[:, a] = -1.0
+    chosen = np.array([cosines[j, perm[j]] for j in range(3)])
+    angle = float(np.degrees(np.arccos(np.clip(np.abs(chosen).min(), 0.0, 1.0))))
+    return Reorientation(
+        perm=(perm[0], perm[1], perm[2]),
+        flip=(bool(chosen[0] < 0), bool(chosen[1] < 0), bool(chosen[2] < 0)),
+        max_angle_deg=angle,
+    )
+
 
 # ----------------------------------------------------------------------------------------
 # geometry plan
@@ -375,9 +500,12 @@ def _read_decoded(
         raise VolumeError("decode_failed", f"cannot decode the pixels of {path.name}: {exc}") from exc
 
 
-def _load_pixels(slices: Sequence[SliceHeader]) -> npt.NDArray[np.float32]:
+def _load_pixels(
+    slices: Sequence[SliceHeader], out: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]:
+    """HU of ``slices`` in order, into ``out`` (any strided view, e.g. of the canonical buffer)."""
     rows, cols = slices[0].rows, slices[0].columns
-    vol = np.empty((len(slices), rows, cols), dtype=np.float32)
+    vol = np.empty((len(slices), rows, cols), dtype=np.float32) if out is None else out
     buffers: dict[np.dtype[Any], npt.NDArray[Any]] = {}
     decode: dict[Path, list[tuple[npt.NDArray[np.float32], SliceHeader]]] = {}
     for k, h in enumerate(slices):
@@ -405,14 +533,16 @@ def _apply_tilt(vol: npt.NDArray[np.float32], shifts: npt.NDArray[np.float64]) -
 
 
 def _resample_z(
-    vol: npt.NDArray[np.float32], dist: npt.NDArray[np.float64], grid: npt.NDArray[np.float64]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]:
-    """Linear interpolation along the normal onto ``grid`` (decreasing); returns nearest sources too."""
+    vol: npt.NDArray[np.float32],
+    dist: npt.NDArray[np.float64],
+    grid: npt.NDArray[np.float64],
+    out: npt.NDArray[np.float32],
+) -> npt.NDArray[np.intp]:
+    """Linear interpolation along the normal onto ``grid`` (decreasing) into ``out``; returns nearest sources."""
     n = len(dist)
     below = np.searchsorted(dist[::-1], grid, side="right")  # sources with dist <= t
     hi = np.clip(n - below, 0, n - 1)  # nearest source at or below t (decreasing order)
     lo = np.clip(hi - 1, 0, n - 1)  # the one above it
-    out = np.empty((len(grid), *vol.shape[1:]), dtype=np.float32)
     nearest = np.empty(len(grid), dtype=np.intp)
     for i, t in enumerate(grid):
         a, b = int(lo[i]), int(hi[i])
@@ -425,7 +555,7 @@ def _resample_z(
         out[i] *= w
         out[i] += vol[a]
         nearest[i] = a if w < 0.5 else b
-    return out, nearest
+    return nearest
 
 
 def check_size(headers: Sequence[SliceHeader], limits: LimitsSection) -> None:
@@ -444,6 +574,70 @@ def check_size(headers: Sequence[SliceHeader], limits: LimitsSection) -> None:
                           f"limits.max_series_voxels = {limits.max_series_voxels}")
 
 
+def _canonical_refs(
+    refs: Sequence[SliceRef], ro: Reorientation, n_slices: int
+) -> tuple[tuple[SliceRef, ...], str | None]:
+    """Source reference per canonical slice, and a note when they cannot be one per slice.
+
+    Axial acquisitions (the acquisition slice axis stays the slice axis): the refs follow the
+    slices.  Coronal/sagittal acquisitions: every axial slice cuts every source image, so
+    each slice names the middle source image -- a real instance that intersects the slice
+    through the centre of the field of view (deterministic: the stack is sorted).
+    """
+    if ro.perm[0] == 0:
+        return tuple(refs[::-1] if ro.flip[0] else refs), None
+    middle = refs[(len(refs) - 1) // 2]
+    plane = "coronal" if ro.perm[1] == 0 else "sagittal"
+    note = (
+        f"{plane} acquisition reoriented to axial slices: each slice cuts all {len(refs)} source "
+        f"images, so its source reference is the middle one ({middle.sop_instance_uid})"
+    )
+    return (middle,) * n_slices, note
+
+
+def _orientation_notes(ro: Reorientation) -> list[str]:
+    notes: list[str] = []
+    if not ro.is_identity:
+        notes.append(
+            f"reoriented from acquisition axes {ro.acquisition_codes()} to the canonical "
+            f"{''.join(CANONICAL_AXCODES)} (slice toward the feet, rows posterior, columns to the left)"
+        )
+    if ro.max_angle_deg > OBLIQUE_NOTE_DEG:
+        notes.append(
+            f"oblique orientation: index axes up to {ro.max_angle_deg:.1f} deg from the patient axes were "
+            "taken to the nearest ones (no resampling; the affine stays exact)"
+        )
+    return notes
+
+
+def _fill(plan: _Plan, target: npt.NDArray[np.float32]) -> list[SliceRef]:
+    """Pixels of the plan into ``target`` (acquisition order); the source ref of each slice."""
+    refs = [h.ref for h in plan.slices]
+    if plan.z_grid is None:
+        _load_pixels(plan.slices, target)
+        if plan.shifts is not None:
+            _apply_tilt(target, plan.shifts)
+        return refs
+    src = _load_pixels(plan.slices)
+    if plan.shifts is not None:
+        _apply_tilt(src, plan.shifts)
+    nearest = _resample_z(src, plan.dist, plan.z_grid, target)
+    return [refs[int(i)] for i in nearest]
+
+
+def _pixel_notes(slices: Sequence[SliceHeader]) -> list[str]:
+    notes: list[str] = []
+    assumed = {(h.slope, h.intercept) for h in slices if h.rescale_assumed}
+    for slope, intercept in sorted(assumed):
+        notes.append(
+            f"Rescale Slope/Intercept absent: assumed {slope:g}/{intercept:g} "
+            f"({'signed pixels taken as HU' if intercept == 0 else 'unsigned pixels, CT convention'})"
+        )
+    if any(h.photometric == "MONOCHROME1" for h in slices):
+        notes.append("MONOCHROME1: HU from the rescale, not inverted (inversion is display-only)")
+    return notes
+
+
 def assemble_volume(
     paths: Sequence[Path],
     policy: VolumeSection,
@@ -453,35 +647,34 @@ def assemble_volume(
 ) -> Volume:
     """Build the HU volume of one series from its instance files, or raise :class:`VolumeError`.
 
-    ``headers`` may be passed when the caller already read them with :func:`read_slice_headers`.
-    ``limits`` (default: the ``[limits]`` defaults) caps the size before anything is decoded.
+    The array is in the canonical orientation (see the module doc) whatever the patient
+    position and acquisition plane.  ``headers`` may be passed when the caller already read
+    them with :func:`read_slice_headers`.  ``limits`` (default: the ``[limits]`` defaults)
+    caps the size before anything is decoded.
     """
     hdrs = list(headers) if headers is not None else read_slice_headers(paths)
     check_size(hdrs, limits or LimitsSection())
     plan = _plan(hdrs, policy)
-    vol = _load_pixels(plan.slices)
-    notes = list(plan.notes)
-    refs = [h.ref for h in plan.slices]
-    if plan.shifts is not None:
-        _apply_tilt(vol, plan.shifts)
-    if plan.z_grid is not None:
-        vol, nearest = _resample_z(vol, plan.dist, plan.z_grid)
-        refs = [refs[int(i)] for i in nearest]
-    assumed = {(h.slope, h.intercept) for h in plan.slices if h.rescale_assumed}
-    for slope, intercept in sorted(assumed):
-        notes.append(
-            f"Rescale Slope/Intercept absent: assumed {slope:g}/{intercept:g} "
-            f"({'signed pixels taken as HU' if intercept == 0 else 'unsigned pixels, CT convention'})"
-        )
-    if any(h.photometric == "MONOCHROME1" for h in plan.slices):
-        notes.append("MONOCHROME1: HU from the rescale, not inverted (inversion is display-only)")
     first = plan.slices[0]
-    log.debug("volume: %s slices %s spacing %s", first.series_instance_uid, vol.shape, plan.spacing)
+    n_acq = len(plan.z_grid) if plan.z_grid is not None else len(plan.slices)
+    acq_shape = (n_acq, first.rows, first.columns)
+    ro = canonical_reorientation(plan.affine[:3, :3])
+    vol = np.empty(ro.shape(acq_shape), dtype=np.float32)  # canonical layout, filled in place
+    acq_refs = _fill(plan, ro.acquisition_view(vol))
+    refs, ref_note = _canonical_refs(acq_refs, ro, vol.shape[0])
+    notes = [*plan.notes, *_pixel_notes(plan.slices), *_orientation_notes(ro)]
+    if ref_note is not None:
+        notes.append(ref_note)
+    spacing = tuple(plan.spacing[a] for a in ro.perm)
+    log.debug(
+        "volume: %s slices %s spacing %s axes %s", first.series_instance_uid, vol.shape, spacing,
+        ro.acquisition_codes(),
+    )
     return Volume(
         array=vol,
-        spacing=plan.spacing,
-        affine=plan.affine,
-        slice_refs=tuple(refs),
+        spacing=(spacing[0], spacing[1], spacing[2]),
+        affine=ro.affine(plan.affine, acq_shape),
+        slice_refs=refs,
         study_instance_uid=first.study_instance_uid,
         series_instance_uid=first.series_instance_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,
@@ -490,10 +683,14 @@ def assemble_volume(
 
 
 __all__ = [
+    "CANONICAL_AXCODES",
+    "CANONICAL_DIRECTIONS",
     "ERROR_CODES",
+    "Reorientation",
     "SliceHeader",
     "VolumeError",
     "assemble_volume",
+    "canonical_reorientation",
     "check_size",
     "read_slice_headers",
 ]
