@@ -3,8 +3,11 @@
 Every reader yields :class:`Case` in the node's array convention -- (slice, row, column),
 slice 0 most superior and the index running toward the feet, rows toward posterior, columns
 toward the patient's left (``medclf_node.ingest.volume``) -- so training sees the same
-orientation as serving.  DICOM goes through the node's own ``assemble_volume`` so geometry and
-HU are identical to what the node computes.
+orientation as serving, whatever the patient position (head/feet first, supine/prone) or
+acquisition plane (axial, coronal, sagittal) of the source.  DICOM goes through the node's own
+``assemble_volume`` so geometry and HU are identical to what the node computes; LUNA16 uses the
+node's ``canonical_reorientation`` on the mhd direction, NIfTI nibabel's reorientation to the
+same axes (I, P, L).  Oblique sources go to their nearest patient axes in all three.
 
 Labels: series-level ``label``, per-slice ``slice_labels`` and ``candidates`` (voxel centres
 in this convention with a radius and a 0/1 class) when the format has them.  A slice is
@@ -29,7 +32,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medclf_node.config import VolumeSection
-from medclf_node.ingest.volume import assemble_volume
+from medclf_node.ingest.volume import OBLIQUE_NOTE_DEG, Reorientation, assemble_volume, canonical_reorientation
 from medclf_node.synthetic.phantoms import SLICE_LABEL_MIN_SECTION
 from training.data.truth import TRUTH_FILENAME, SeriesTruth, read_truth
 
@@ -110,6 +113,23 @@ def _find_truth(series_dir: Path) -> Path | None:
     return None
 
 
+def _check_truth_positions(truth: SeriesTruth, affine: npt.NDArray[np.float64], source: Path) -> None:
+    """Refuse truth whose voxel centres are not where its LPS centres fall in this volume.
+
+    Truth voxel coordinates are in the canonical array orientation; a sidecar written in
+    another one (e.g. a prone series' acquisition order) would label the wrong slices.
+    """
+    inverse = np.linalg.inv(affine)
+    for n in truth.nodules:
+        voxel = (inverse @ np.array([*n.center_lps_mm, 1.0]))[:3]
+        if float(np.abs(voxel - np.asarray(n.center_zyx, dtype=float)).max()) > 0.5:
+            raise ReaderError(
+                f"{source}: nodule at LPS {list(n.center_lps_mm)} mm is voxel {voxel.round(2).tolist()} of the "
+                f"volume but the truth says {list(n.center_zyx)}; truth voxels must be in the canonical "
+                "orientation (slice 0 most superior, rows posterior, columns to the left)"
+            )
+
+
 def _labels_from_truth(truth: SeriesTruth, shape: tuple[int, int, int], source: Path) -> dict[str, Any]:
     if tuple(truth.shape) != shape:
         raise ReaderError(f"{source}: truth shape {truth.shape} does not match the volume {shape}")
@@ -146,6 +166,7 @@ def read_dicom_series(
         if truth.patient_id != patient_id:
             raise ReaderError(f"{truth_path}: truth patient {truth.patient_id!r} but DICOM PatientID {patient_id!r}")
         labels = _labels_from_truth(truth, vol.shape, truth_path)
+        _check_truth_positions(truth, vol.affine, truth_path)
     return Case(
         hu=vol.array,
         spacing=vol.spacing,
@@ -202,20 +223,21 @@ def iter_dicom_cases(
 # --------------------------------------------------------------------------- LUNA16
 
 
-@dataclass(frozen=True)
-class _Flips:
-    z: bool
-    y: bool
-    x: bool
+def _itk_reorientation(direction: Sequence[float], source: Path) -> Reorientation:
+    """How the (z, y, x) array of an ITK image reaches the node's canonical axes.
 
-
-def _itk_flips(direction: Sequence[float]) -> _Flips:
-    """Which ITK index axes must be reversed to reach the node convention (axis-aligned only)."""
-    d = np.asarray(direction, dtype=float).reshape(3, 3)  # columns: index axes in LPS
-    if not np.allclose(np.abs(d), np.eye(3), atol=1e-3):
-        raise ReaderError(f"only axis-aligned axial volumes are supported, direction {direction}")
-    # Node: column index -> +x (L), row index -> +y (P), slice index -> -z (toward the feet).
-    return _Flips(z=d[2, 2] > 0, y=d[1, 1] < 0, x=d[0, 0] < 0)
+    The same rule as the node's DICOM path (``canonical_reorientation``): any axis-aligned
+    direction, an oblique one to its nearest patient axes (logged).
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)  # columns: ITK index axes (x, y, z) in LPS
+    try:
+        ro = canonical_reorientation(d[:, ::-1])  # numpy axes (z, y, x) are ITK axes (2, 1, 0)
+    except ValueError as exc:
+        raise ReaderError(f"{source}: direction {list(direction)}: {exc}") from exc
+    if ro.max_angle_deg > OBLIQUE_NOTE_DEG:
+        log.warning("%s: oblique direction (%.1f deg off the patient axes) taken to the nearest axes",
+                    source, ro.max_angle_deg)
+    return ro
 
 
 def _read_csv(path: Path | None) -> dict[str, list[dict[str, str]]]:
@@ -228,6 +250,35 @@ def _read_csv(path: Path | None) -> dict[str, list[dict[str, str]]]:
     return rows
 
 
+def _covered(c: Candidate, nodules: Sequence[Candidate], spacing: tuple[float, float, float]) -> bool:
+    """Whether candidate ``c`` lies inside one of the (radius-carrying) ``nodules``."""
+    sp = np.asarray(spacing)
+    for n in nodules:
+        if n.radius_mm and float(np.linalg.norm(np.subtract(c.center_zyx, n.center_zyx) * sp)) <= n.radius_mm:
+            return True
+    return False
+
+
+def luna16_labels(
+    cands: Sequence[Candidate], n_slices: int, spacing: tuple[float, float, float]
+) -> tuple[int, npt.NDArray[np.uint8] | None]:
+    """Series label and slice labels of one LUNA16 scan that has CSV rows.
+
+    The scan is positive when an annotation or a ``class`` 1 candidate marks a nodule.  Slice
+    labels need each nodule's extent: annotations carry a diameter, ``candidates.csv`` does
+    not.  A class-1 candidate inside an annotated nodule is covered by that annotation; when
+    any class-1 candidate is not (a candidates-only positive scan), the slice labels are
+    unknown (None): zeros would call the nodule's slices negative.  Without any positive the
+    slice labels are all 0.
+    """
+    nodules = [c for c in cands if c.label == 1 and c.radius_mm]
+    unsized = [c for c in cands if c.label == 1 and not c.radius_mm]
+    label = int(bool(nodules or unsized))
+    if any(not _covered(c, nodules, spacing) for c in unsized):
+        return label, None
+    return label, slice_labels_from_candidates(nodules, n_slices, spacing[0])
+
+
 def read_luna16_case(
     mhd_path: Path,
     annotations: Sequence[dict[str, str]] = (),
@@ -236,47 +287,44 @@ def read_luna16_case(
     """One LUNA16 scan; ``annotations``/``candidates`` are its rows of the challenge CSVs.
 
     LUNA16 publishes no patient ID, only the series UID (one scan per patient in the challenge
-    subsets), so the series UID is the patient ID.  Annotation coordinates are world mm (the
-    mhd's LPS frame); annotated nodules are positive candidates with radius diameter/2,
-    ``candidates.csv`` rows add candidates with their ``class``.  The series label is 1 when
-    any annotation exists; without an annotation file it is unknown (None).
+    subsets), so the series UID is the patient ID.  Coordinates are world mm (the mhd's LPS
+    frame); the array is put into the node's canonical axes (any axis-aligned direction).
+    Annotated nodules are positive candidates with radius diameter/2, ``candidates.csv`` rows
+    add candidates with their ``class`` and no radius.  Labels: :func:`luna16_labels`; without
+    any row the labels are unknown (None).
     """
     import SimpleITK as sitk  # heavy, only needed for this format
 
     img = sitk.ReadImage(str(mhd_path))
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x)
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x) of the ITK index
     if arr.ndim != 3:
         raise ReaderError(f"{mhd_path}: expected a 3-D image, got shape {arr.shape}")
-    flips = _itk_flips(img.GetDirection())
+    ro = _itk_reorientation(img.GetDirection(), mhd_path)
     sx, sy, sz = (float(v) for v in img.GetSpacing())
-    n = arr.shape
-    hu = np.ascontiguousarray(arr[:: -1 if flips.z else 1, :: -1 if flips.y else 1, :: -1 if flips.x else 1])
+    acq_spacing = (sz, sy, sx)
+    spacing = (acq_spacing[ro.perm[0]], acq_spacing[ro.perm[1]], acq_spacing[ro.perm[2]])
+    hu = np.ascontiguousarray(ro.apply(arr))
 
-    def to_zyx(x: float, y: float, z: float) -> tuple[float, float, float]:
-        ix, iy, iz = img.TransformPhysicalPointToContinuousIndex((x, y, z))
-        return (
-            (n[0] - 1 - iz) if flips.z else iz,
-            (n[1] - 1 - iy) if flips.y else iy,
-            (n[2] - 1 - ix) if flips.x else ix,
-        )
+    def to_zyx(row: dict[str, str]) -> tuple[float, float, float]:
+        point = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+        ix, iy, iz = img.TransformPhysicalPointToContinuousIndex(point)
+        return ro.index((iz, iy, ix), arr.shape)
 
-    cands: list[Candidate] = []
-    for row in annotations:
-        c = to_zyx(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
-        cands.append(Candidate(c, float(row["diameter_mm"]) / 2.0, 1))
-    for row in candidates:
-        c = to_zyx(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
-        cands.append(Candidate(c, None, int(row["class"])))
+    cands = [Candidate(to_zyx(r), float(r["diameter_mm"]) / 2.0, 1) for r in annotations]
+    cands += [Candidate(to_zyx(r), None, int(r["class"])) for r in candidates]
+    label: int | None = None
+    slice_labels: npt.NDArray[np.uint8] | None = None
+    if annotations or candidates:
+        label, slice_labels = luna16_labels(cands, hu.shape[0], spacing)
     uid = mhd_path.stem
-    has_labels = bool(annotations) or bool(candidates)
     return Case(
         hu=hu,
-        spacing=(sz, sy, sx),
+        spacing=spacing,
         patient_id=uid,
         case_id=uid,
         source=str(mhd_path),
-        label=int(bool(annotations)) if has_labels else None,
-        slice_labels=slice_labels_from_candidates(cands, n[0], sz) if has_labels else None,
+        label=label,
+        slice_labels=slice_labels,
         candidates=tuple(cands),
         series_instance_uid=uid,
     )
@@ -287,7 +335,9 @@ def iter_luna16_cases(
 ) -> Iterator[Case]:
     """Every ``*.mhd`` under ``root`` with its rows of the LUNA16 CSVs.
 
-    With ``annotations_csv`` given, a scan without annotation rows is a labelled negative.
+    With ``annotations_csv`` given, a scan without any row in either file is a labelled
+    negative; a scan with class-1 candidates but no annotation is positive (see
+    :func:`luna16_labels`).
     """
     ann = _read_csv(annotations_csv)
     cand = _read_csv(candidates_csv)
