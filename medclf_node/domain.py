@@ -36,12 +36,15 @@ class SliceRef:
 class Volume:
     """A CT volume in Hounsfield units.
 
-    ``array`` is float32 indexed (slice, row, column); slices are sorted along the slice
-    normal.  ``affine`` is a 4x4 matrix mapping (slice, row, column, 1) voxel indices to
+    ``array`` is float32 indexed (slice, row, column) in the canonical orientation of
+    :mod:`medclf_node.ingest.volume` (slice toward the feet, rows posterior, columns to the
+    left).  ``affine`` is a 4x4 matrix mapping (slice, row, column, 1) voxel indices to
     patient LPS millimetres, the same convention as ``highdicom.Volume``.
     ``spacing`` is (slice, row, column) in millimetres.
     ``slice_refs[k]`` names the source image of slice ``k`` (after any resampling, the
-    nearest source slice).
+    nearest source slice; for a coronal/sagittal acquisition, one image that crosses it).
+    ``sources`` names every source image whose pixels went into the array (the SR's evidence),
+    which for coronal/sagittal acquisitions is more than ``slice_refs`` can name.
     """
 
     array: npt.NDArray[np.float32]
@@ -52,6 +55,7 @@ class Volume:
     series_instance_uid: str
     frame_of_reference_uid: str | None = None
     notes: tuple[str, ...] = field(default=())  # e.g. "resampled uneven spacing onto 1.25 mm grid"
+    sources: tuple[SliceRef, ...] = field(default=())  # empty: the same as slice_refs
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -41,7 +41,7 @@ from medclf_node.ingest.index import Index, SeriesRow
 from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
-from medclf_node.reporting import build_sc, build_sr
+from medclf_node.reporting import build_sc, build_sr, slice_orientation
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,15 @@ def read_series_files(paths: Sequence[Path]) -> SeriesFiles:
 
 
 def evidence_sources(volume: Volume, datasets: dict[Path, Dataset]) -> tuple[list[Dataset], dict[str, int]]:
-    """Source datasets in slice order, one per SOP instance, and each UID's position."""
+    """Source datasets in slice order, one per SOP instance, and each UID's position.
+
+    Then every other image whose pixels went into the volume (``Volume.sources``: for a
+    coronal/sagittal acquisition the axial slices name one image each, but all were evaluated).
+    """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets.values()}
     order: dict[str, int] = {}
     sources: list[Dataset] = []
-    for ref in volume.slice_refs:
+    for ref in (*volume.slice_refs, *volume.sources):
         if ref.sop_instance_uid not in order:
             order[ref.sop_instance_uid] = len(sources)
             sources.append(by_uid[ref.sop_instance_uid])
@@ -258,7 +262,8 @@ class Pipeline:
             key_source = sources[position[key_ref.sop_instance_uid]]
             key_hu = volume.array[result.key_slice_index]
             objects.append(
-                ("SC", build_sc(key_source, key_hu, result, self.identity, key_frame_number=key_ref.frame_number))
+                ("SC", build_sc(key_source, key_hu, result, self.identity, key_frame_number=key_ref.frame_number,
+                                orientation=slice_orientation(volume.affine)))
             )
         folder = self.outbox_dir / row.series_uid
         folder.mkdir(parents=True, exist_ok=True)

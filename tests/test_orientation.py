@@ -32,7 +32,7 @@ from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.ingest.volume import assemble_volume, canonical_reorientation
 from medclf_node.pipeline import Pipeline
-from medclf_node.reporting.sc import build_sc
+from medclf_node.reporting.sc import build_sc, slice_orientation
 from medclf_node.synthetic.phantoms import Phantom, make_phantom
 from training.data.readers import read_dicom_series, read_luna16_case, read_nifti_case
 from training.data.truth import truth_for_phantom, write_truth
@@ -376,21 +376,20 @@ def test_node_reports_every_patient_position_alike(tmp_path: Path, tiny_models_d
         assert len(key) == 1 and key <= instances, name
         assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in instances
         assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in key
+        assert list(sc.PatientOrientation) == ["L", "P"], name  # the key image shows a canonical slice
+        evidence = {str(r.ReferencedSOPInstanceUID) for e in sr.CurrentRequestedProcedureEvidenceSequence
+                    for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+        assert evidence == instances, name  # every evaluated image, also for the sagittal stack
     assert probability["HFP"] == pytest.approx(probability["HFS"], abs=1e-6)
     assert probability["FFS"] == pytest.approx(probability["HFS"], abs=1e-6)
     assert probability["sagittal"] == pytest.approx(probability["HFS"], abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reporting/sc.py patient_orientation() reads the key source's IOP, but the key image pixels are a "
-    "canonical axial slice (rows to the left, columns posterior) for every source; fix there, then drop this mark",
-)
-@pytest.mark.parametrize("name", ["HFP", "sagittal"])
+@pytest.mark.parametrize("name", ["HFS", "HFP", "FFS", "sagittal", "coronal"])
 def test_key_image_orientation_follows_the_canonical_pixels(
     name: str, hu: npt.NDArray[np.float32], tmp_path: Path
 ) -> None:
+    """The SC shows ``volume.array[k]``: its PatientOrientation comes from the volume, not the source's IOP."""
     paths, datasets = write_dicom(hu, name, tmp_path / name)
     vol = assemble_volume(paths, VolumeSection())
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -398,5 +397,8 @@ def test_key_image_orientation_follows_the_canonical_pixels(
         model_name="m", model_version="1", finding=Code("0", "99MEDCLF", "x"), probability=0.9, threshold=0.5,
         positive=True, key_slice_index=5,
     )
-    sc = build_sc(by_uid[vol.slice_refs[5].sop_instance_uid], vol.array[5], result, NodeIdentity("N", "n"))
+    assert slice_orientation(vol.affine) == ("L", "P")
+    source = by_uid[vol.slice_refs[5].sop_instance_uid]
+    sc = build_sc(source, vol.array[5], result, NodeIdentity("N", "n"), orientation=slice_orientation(vol.affine))
     assert list(sc.PatientOrientation) == ["L", "P"]
+    assert {r.sop_instance_uid for r in vol.sources} == set(by_uid)  # every image went into the array

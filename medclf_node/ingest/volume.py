@@ -679,6 +679,7 @@ def assemble_volume(
         series_instance_uid=first.series_instance_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,
         notes=tuple(notes),
+        sources=tuple(h.ref for h in plan.slices),
     )
 
 

@@ -155,6 +155,18 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
     return (_orientation_letters(v[:3]), _orientation_letters(v[3:]))
 
 
+def slice_orientation(affine: npt.NDArray[np.floating]) -> tuple[str, str]:
+    """(row direction, column direction) letters of an axial slice ``volume.array[k]``.
+
+    The key image shows a slice of the node's volume, not the source image: along a row the
+    column index grows (``affine[:3, 2]``), down a column the row index (``affine[:3, 1]``).
+    For the canonical volume that is ("L", "P") whatever the patient position or plane.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    return (_orientation_letters(a[:3, 2] / np.linalg.norm(a[:3, 2])),
+            _orientation_letters(a[:3, 1] / np.linalg.norm(a[:3, 1])))
+
+
 def _source_reference(source: Dataset, frame_number: int | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
@@ -176,6 +188,7 @@ def build_sc(
     identity: NodeIdentity,
     *,
     key_frame_number: int | None = None,
+    orientation: tuple[str, str] | None = None,
     series_number: int = SC_SERIES_NUMBER,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture key image for one model's result on one series.
@@ -183,7 +196,8 @@ def build_sc(
     ``key_source`` is the header of the key slice's source instance (patient, study and
     series are taken from it); ``key_hu`` its pixels in HU. BodyPartExamined is copied when
     the source has it and is not required. ``key_frame_number`` (1-based) is for a
-    multi-frame source.
+    multi-frame source. ``orientation``: the PatientOrientation of ``key_hu`` when it is a slice
+    of the reoriented volume (:func:`slice_orientation`); default: the source image's own.
     """
     pixels = render_key_image(key_hu, result)
     uids = result_uids(str(key_source.SeriesInstanceUID), result.model_name, result.model_version, "sc")
@@ -207,7 +221,7 @@ def build_sc(
         study_date=key_source.get("StudyDate"),
         study_time=key_source.get("StudyTime"),
         referring_physician_name=key_source.get("ReferringPhysicianName"),
-        patient_orientation=patient_orientation(key_source),
+        patient_orientation=orientation or patient_orientation(key_source),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=series_description(result, " key image"),
         manufacturer_model_name=identity.manufacturer,
