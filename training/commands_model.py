@@ -38,6 +38,15 @@ def _load(args: argparse.Namespace) -> Any:
     return cfg.model_copy(update=updates) if updates else cfg
 
 
+def _load_training(args: argparse.Namespace) -> Any:
+    """The config, with the distribution strategy created before any TensorFlow op (TF_CONFIG workers need it)."""
+    from training.train import strategy_from_env
+
+    cfg = _load(args)
+    strategy_from_env(cfg.fit.strategy)
+    return cfg
+
+
 def _splits(cfg: Any) -> tuple[Path, Any]:
     from training.data.splits import SPLITS_FILENAME, Splits
 
@@ -88,7 +97,7 @@ def train_fold(cfg: Any, fold: int, run: Path) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model on the development folds except --fold, validating on --fold."""
-    cfg = _load(args)
+    cfg = _load_training(args)
     res = train_fold(cfg, args.fold, _run_dir(cfg, args))
     print(json.dumps({"run_dir": str(res.run_dir), "best_val_auc": res.best_val_auc, "epochs": res.epochs_run}))
     return 0
@@ -107,7 +116,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     """k-fold cross-validation over the development patients: per-fold and mean +- sd validation AUC."""
     from training.train import cross_validate
 
-    cfg = _load(args)
+    cfg = _load_training(args)
     _, splits = _splits(cfg)
     summary = cross_validate(cfg, lambda k: _fold_data(cfg, k), splits.k)
     for row in summary["folds"]:
@@ -235,7 +244,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from training.data.splits import SPLITS_FILENAME
     from training.train import DONE_FILE, cross_validate
 
-    cfg = _load(args)
+    cfg = _load_training(args)
     pl = cfg.pipeline
     work = Path(pl.work_dir)
     tfr = Path(cfg.data.tfrecord_dir) if cfg.data.tfrecord_dir is not None else work / "tfr"

@@ -3,6 +3,21 @@
 Data arrives as :class:`Split` objects (an unbatched, deterministic ``tf.data`` dataset of
 ``(x, y)`` plus the labels and series ids in the same order) so this module does not care whether
 the examples come from TFRecords or from memory.
+
+Distributed training (``[fit] strategy``, default ``auto``): with ``TF_CONFIG`` set, every worker
+runs the same command and MultiWorkerMirroredStrategy trains in lockstep; with several GPUs (or
+logical CPU devices) MirroredStrategy splits each batch over them.  The strategy must exist before
+any TensorFlow op runs, so ``medclf-train train|cv|pipeline`` create it first
+(:func:`strategy_from_env`, cached; :func:`fit` reuses it).  ``fit.batch_size`` is the global
+batch: global = per-replica * replicas.  Two workers on one machine (run each in its own shell)::
+
+    export CLUSTER='{"worker": ["127.0.0.1:12345", "127.0.0.1:12346"]}'
+    TF_CONFIG='{"cluster": '"$CLUSTER"', "task": {"type": "worker", "index": 0}}' medclf-train train --config exp.toml
+    TF_CONFIG='{"cluster": '"$CLUSTER"', "task": {"type": "worker", "index": 1}}' medclf-train train --config exp.toml
+
+Worker 0 (or the ``chief`` task when the cluster has one) writes the run directory; the others
+write nothing there.  All workers read the same TFRecords and config (shared or copied file system).
+Run ``synth``/``convert``/``split`` once beforehand, not on every worker.
 """
 
 from __future__ import annotations
@@ -110,23 +125,109 @@ def precision_policy(name: str) -> Iterator[str]:
         keras.mixed_precision.set_global_policy(previous)
 
 
+_STRATEGIES: dict[str, tf.distribute.Strategy] = {}
+
+
+def _strategy_kind(name: str) -> str:
+    """'auto' -> 'multi_worker' with TF_CONFIG, 'mirrored' with several GPUs (or configured logical CPUs)."""
+    if name != "auto":
+        return name
+    if os.environ.get("TF_CONFIG"):
+        return "multi_worker"
+    return "mirrored" if len(_replica_devices()) > 1 else "default"
+
+
+def _replica_devices() -> list[str]:
+    """The devices MirroredStrategy should use: every GPU, else every logical CPU device."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
 def strategy_from_env(name: str = "auto") -> tf.distribute.Strategy:
-    """MultiWorkerMirrored when TF_CONFIG is set, Mirrored with several GPUs, else the default strategy."""
-    if name == "multi_worker" or (name == "auto" and os.environ.get("TF_CONFIG")):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    """The process's strategy of kind ``name``, created on first use and then reused.
+
+    auto: MultiWorkerMirrored when TF_CONFIG is set, Mirrored over all GPUs when there are several
+    (or over several logical CPU devices when they were configured), else the default strategy.
+    It is cached because MultiWorkerMirroredStrategy can be created only once per process and only
+    before any TensorFlow op ran (collectives are configured at startup): commands that train call
+    this first, before reading any data, and :func:`fit` then gets the same object.
+    """
+    kind = _strategy_kind(name)
+    if kind in _STRATEGIES:
+        return _STRATEGIES[kind]
+    strategy: tf.distribute.Strategy
+    if kind == "multi_worker":
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{exc}: create the strategy first, before any TensorFlow op (data loading, model building), "
+                "with training.train.strategy_from_env(cfg.fit.strategy); `medclf-train train/cv/pipeline` do"
+            ) from exc
+    elif kind == "mirrored":
+        strategy = tf.distribute.MirroredStrategy(devices=_replica_devices())
+    else:
+        strategy = tf.distribute.get_strategy()
+    _STRATEGIES[kind] = strategy
+    log.info("strategy %s: %d replicas in sync", _strategy_name(strategy), strategy.num_replicas_in_sync)
+    return strategy
 
 
-def _is_chief() -> bool:
-    """True on the worker that writes checkpoints (no TF_CONFIG, the chief, or worker 0 without chief)."""
+def _strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public class name (tf.distribute.MultiWorkerMirroredStrategy's own type is CollectiveAllReduceStrategy)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return "MirroredStrategy" if isinstance(strategy, tf.distribute.MirroredStrategy) else "default"
+
+
+def _is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """True on the worker that writes run outputs (no TF_CONFIG, the chief, or worker 0 without chief).
+
+    With a multi-worker strategy its own answer (``should_checkpoint``, from the cluster resolver) wins,
+    so Keras' ModelCheckpoint and this function agree on who the chief is.
+    """
+    if strategy is not None and strategy.extended._in_multi_worker_mode():
+        return bool(strategy.extended.should_checkpoint)
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
     task = tf_config.get("task", {})
     kind, index = task.get("type", "chief"), task.get("index", 0)
     has_chief = "chief" in tf_config.get("cluster", {})
     return bool(kind == "chief" or (kind == "worker" and index == 0 and not has_chief))
+
+
+def _distributable(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Shard by DATA across workers: every worker reads all shards and keeps its share of each batch.
+
+    FILE sharding (the AUTO choice for TFRecords) hands whole shard files to workers; our shards are
+    patient-grouped and few, so workers would see unequal data or none.  No effect on one worker.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _eval_batch_size(n: int, batch_size: int, replicas: int) -> int:
+    """A validation batch size near ``batch_size`` whose last batch still gives every replica an example.
+
+    The strategy splits each batch over the replicas; a last batch smaller than the replica count
+    hands some replica an empty batch, and oneDNN's Conv kernels reject empty inputs ("input depth must
+    be evenly divisible by filter depth: 3 vs 8").  Dropping or padding examples would change the
+    validation AUC; the batch size changes nothing but speed.
+    """
+    if replicas <= 1:
+        return batch_size
+    if n < replicas:
+        raise ValueError(f"the validation split has {n} examples, fewer than the {replicas} replicas")
+    for b in range(max(batch_size, replicas), n + 1):
+        if n % b == 0 or n % b >= replicas:
+            return b
+    return n
+
+
+def _barrier(strategy: tf.distribute.Strategy) -> None:
+    """Wait for every worker (an all-reduce): the chief's outputs are complete when fit returns anywhere."""
+    if strategy.extended._in_multi_worker_mode():
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
 
 
 # --- pieces --------------------------------------------------------------------------------
@@ -217,36 +318,55 @@ def fit(
     ``train_ds``: an already batched, repeating training dataset (e.g. the data pipeline's, with
     augmentation and balancing) used instead of shuffling ``train``; ``train`` still supplies
     the labels for class weights and the epoch length.
+
+    Distributed (``fit.strategy``, see :func:`strategy_from_env`): ``fit.batch_size`` is the GLOBAL
+    batch, so each of the R replicas gets batch_size / R examples per step (global = per-replica * R;
+    raise batch_size with R to keep the per-replica batch) and ``steps_per_epoch`` counts global steps.
+    Datasets are sharded by DATA across workers (:func:`_distributable`).  Every worker runs the
+    checkpoint save (Keras writes the non-chief's into a ``workertemp_N`` folder and deletes it); only
+    the chief writes the config, history.csv, TensorBoard logs, the weights and fit_result.json.
     """
     fitc = cfg.fit
-    keras.utils.set_random_seed(fitc.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     strategy = strategy_from_env(fitc.strategy)
+    chief = _is_chief(strategy)
+    keras.utils.set_random_seed(fitc.seed)
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir)
     steps = fitc.steps_per_epoch or max(1, len(train) // fitc.batch_size)
+    replicas = strategy.num_replicas_in_sync
+    if fitc.batch_size < replicas:
+        raise ValueError(f"fit.batch_size {fitc.batch_size} (the global batch) is smaller than the {replicas} replicas")
+    if fitc.batch_size % replicas:
+        log.warning("fit.batch_size %d is not a multiple of %d replicas: replicas get unequal batches",
+                    fitc.batch_size, replicas)
     with precision_policy(fitc.precision) as policy, strategy.scope():
         model = build_model(cfg.model, cfg.preprocess)
         compile_model(model, fitc, make_schedule(fitc, steps))
-    log.info("fit %s: policy %s, strategy %s, %d replicas, %d steps/epoch",
-             model.name, policy, type(strategy).__name__, strategy.num_replicas_in_sync, steps)
+    log.info("fit %s: policy %s, strategy %s, %d replicas (global batch %d, %d per replica), %d steps/epoch%s",
+             model.name, policy, _strategy_name(strategy), replicas, fitc.batch_size,
+             fitc.batch_size // replicas, steps, "" if chief else ", non-chief worker: no run outputs")
     weights = class_weights(train.labels) if fitc.class_weights else None
-    ckpt_dir = run_dir if _is_chief() else run_dir / f"worker-tmp-{os.getpid()}"
-    callbacks = [
+    callbacks: list[keras.callbacks.Callback] = [
+        # on every worker: the save is a collective step; Keras redirects and deletes a non-chief's file
         keras.callbacks.ModelCheckpoint(
-            str(ckpt_dir / WEIGHTS_FILE), monitor="val_auc", mode="max", save_best_only=True,
+            str(run_dir / WEIGHTS_FILE), monitor="val_auc", mode="max", save_best_only=True,
             save_weights_only=True,
         ),
         keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=fitc.early_stopping_patience, restore_best_weights=True
         ),
-        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE)),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
     ]
+    if chief:
+        callbacks += [
+            keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE)),
+            keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        ]
     if train_ds is None:
         train_ds = batched(train, fitc.batch_size, shuffle=cfg.data.shuffle_buffer, seed=fitc.seed)
     hist = model.fit(
-        train_ds,
-        validation_data=batched(val, fitc.batch_size),
+        _distributable(train_ds),
+        validation_data=_distributable(batched(val, _eval_batch_size(len(val), fitc.batch_size, replicas))),
         epochs=fitc.epochs,
         steps_per_epoch=steps,
         class_weight=weights,
@@ -256,9 +376,13 @@ def fit(
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best = max(history.get("val_auc", [float("nan")]))
     result = TrainResult(run_dir, best, len(history.get("loss", [])), history)
-    (run_dir / DONE_FILE).write_text(
-        json.dumps({"best_val_auc": best, "epochs": result.epochs_run, "policy": policy}), encoding="utf-8"
-    )
+    if chief:
+        (run_dir / DONE_FILE).write_text(
+            json.dumps({"best_val_auc": best, "epochs": result.epochs_run, "policy": policy,
+                        "strategy": _strategy_name(strategy), "replicas": replicas}),
+            encoding="utf-8",
+        )
+    _barrier(strategy)
     log.info("fit done: %d epochs, best val AUC %.4f", result.epochs_run, best)
     return result
 
