@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from training.modeling.factory import build_model
+from training.precision import choose_policy, default_policy
 from training.schedules import WarmupCosine
 from training.tfenv import gpu_available, keras, tf
 from training.train_config import FitSection, TrainConfig
@@ -107,10 +108,18 @@ class TrainResult:
 
 
 def resolve_precision(name: str) -> str:
-    """'auto' -> mixed_float16 on GPU, mixed_bfloat16 on CPU; anything else is returned unchanged."""
+    """'auto' -> mixed_float16 on GPU, mixed_bfloat16 on CPU; anything else is returned unchanged.
+
+    What 'auto' *asks for*; :func:`training.precision.choose_policy` decides what a fit actually uses.
+    """
     if name != "auto":
         return name
-    return "mixed_float16" if gpu_available() else "mixed_bfloat16"
+    return default_policy(gpu_available())
+
+
+def fit_precision(cfg: TrainConfig) -> str:
+    """The policy ``fit`` trains with: the config's, probed on this machine (float32 when 'auto' cannot run)."""
+    return choose_policy(cfg.fit.precision, cfg.model, cfg.preprocess, gpu=gpu_available())
 
 
 @contextlib.contextmanager
@@ -340,7 +349,7 @@ def fit(
     if fitc.batch_size % replicas:
         log.warning("fit.batch_size %d is not a multiple of %d replicas: replicas get unequal batches",
                     fitc.batch_size, replicas)
-    with precision_policy(fitc.precision) as policy, strategy.scope():
+    with precision_policy(fit_precision(cfg)) as policy, strategy.scope():
         model = build_model(cfg.model, cfg.preprocess)
         compile_model(model, fitc, make_schedule(fitc, steps))
     log.info("fit %s: policy %s, strategy %s, %d replicas (global batch %d, %d per replica), %d steps/epoch%s",

@@ -57,7 +57,9 @@ class FitSection(_Section):
     restart_m_mul: float = Field(1.0, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay.")
     precision: Precision = Field(
-        "auto", description="auto: mixed_float16 on GPU, mixed_bfloat16 on CPU (fp16 is ~20x slower on CPU)."
+        "auto", description="auto: mixed_float16 on GPU, mixed_bfloat16 on CPU (fp16 is ~20x slower on CPU); a mixed "
+        "policy is first probed with one training step in a subprocess (training/precision.py): 'auto' falls back "
+        "to float32 when it fails, a forced policy is an error.",
     )
     class_weights: bool = Field(True, description="Weight classes inversely to their training frequency.")
     early_stopping_patience: int = Field(5, ge=1, description="Epochs without val AUC gain before stopping.")
