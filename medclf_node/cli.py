@@ -37,6 +37,11 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def _describe_destination(cfg: Config, name: str) -> str:
+    folder = cfg.folder(name)
+    return f"{name} (folder {folder.path})" if folder is not None else name
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate the config file (and, as they exist, rules/peers/models) and say what is wrong."""
     cfg = _load(args)
@@ -45,7 +50,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     allowed = cfg.allowed_calling_ae_titles()
     print(f"  accepts calling AE titles: {'any' if allowed is None else sorted(allowed)}")
     print(f"  peers: {', '.join(p.name for p in cfg.peers) or '(none)'}")
-    print(f"  results to: {', '.join(cfg.results.destinations)}")
+    print(f"  results to: {', '.join(_describe_destination(cfg, d) for d in cfg.results.destinations)}")
     for rule in cfg.effective_rules():
         print(f"  rule {rule.name}: models {rule.models}")
     return _check_rules_cli(cfg)

@@ -81,6 +81,21 @@ class PeerSection(_Section):
         return v
 
 
+class FolderSection(_Section):
+    """A directory that results can be sent to like a peer (local inspection, auditing, a file drop)."""
+
+    name: str = Field(description="Name used in results.destinations.")
+    path: Path = Field(description="Directory the result objects are written to; relative to the config file.")
+    png: bool = Field(True, description="Also write each Secondary Capture key image as a PNG beside it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v == "sender":
+            raise ValueError('a folder name is 1-64 of A-Z a-z 0-9 _ . - and may not be "sender"')
+        return v
+
+
 class AcceptSection(_Section):
     calling_ae_titles: list[str] = Field(
         default_factory=list,
@@ -119,7 +134,8 @@ class CompletionSection(_Section):
 class ResultsSection(_Section):
     destinations: list[str] = Field(
         default_factory=lambda: ["sender"],
-        description='Where SR and SC results go: peer names, or "sender" (the peer whose AE title sent the series).',
+        description='Where SR and SC results go: peer names, [[folders]] names, or "sender" (the peer whose AE '
+        "title sent the series).",
     )
     send_sr: bool = Field(True, description="Send a TID 1500 Comprehensive 3D SR.")
     send_sc: bool = Field(True, description="Send a Secondary Capture key image.")
@@ -311,6 +327,7 @@ class Config(_Section):
 
     node: NodeSection = Field(default_factory=NodeSection)
     peers: list[PeerSection] = Field(default_factory=list)
+    folders: list[FolderSection] = Field(default_factory=list)
     accept: AcceptSection = Field(default_factory=AcceptSection)
     completion: CompletionSection = Field(default_factory=CompletionSection)
     results: ResultsSection = Field(default_factory=ResultsSection)
@@ -331,11 +348,15 @@ class Config(_Section):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"peers: peer names must be unique, repeated: {sorted(dupes)}")
+        folder_names = [f.name for f in self.folders]
+        clash = sorted({n for n in folder_names if folder_names.count(n) > 1 or n in names})
+        if clash:
+            raise ValueError(f"folders: names must be unique and differ from every peer name, repeated: {clash}")
         for i, dest in enumerate(self.results.destinations):
-            if dest != "sender" and dest not in names:
+            if dest != "sender" and dest not in names and dest not in folder_names:
                 raise ValueError(
-                    f"results.destinations[{i}]: {dest!r} is not a peer name; add a [[peers]] entry "
-                    f'named {dest!r} or use "sender" (known peers: {names})'
+                    f"results.destinations[{i}]: {dest!r} is neither a peer nor a folder; add a [[peers]] or "
+                    f'[[folders]] entry named {dest!r} or use "sender" (known peers: {names}, folders: {folder_names})'
                 )
         rule_names = [r.name for r in self.rules]
         if len(set(rule_names)) != len(rule_names):
@@ -348,6 +369,9 @@ class Config(_Section):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def folder(self, name: str) -> FolderSection | None:
+        return next((f for f in self.folders if f.name == name), None)
 
     def peer_by_ae_title(self, ae_title: str) -> PeerSection | None:
         for p in self.peers:
@@ -408,7 +432,9 @@ def parse_config(data: dict[str, object], *, base_dir: Path | None = None, sourc
             node = node.model_copy(update={"data_dir": (base_dir / node.data_dir).resolve()})
         if not models.directory.is_absolute():
             models = models.model_copy(update={"directory": (base_dir / models.directory).resolve()})
-        cfg = cfg.model_copy(update={"node": node, "models": models})
+        folders = [f if f.path.is_absolute() else f.model_copy(update={"path": (base_dir / f.path).resolve()})
+                   for f in cfg.folders]
+        cfg = cfg.model_copy(update={"node": node, "models": models, "folders": folders})
         tls_paths = {
             k: (base_dir / v).resolve()
             for k, v in (("cert", cfg.tls.cert), ("key", cfg.tls.key), ("ca", cfg.tls.ca))

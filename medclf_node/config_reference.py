@@ -12,7 +12,7 @@ from pydantic_core import PydanticUndefined
 
 from medclf_node.config import Config
 
-_SECTIONS_AS_TABLES = {"peers": "[[peers]]", "rules": "[[rules]]"}
+_SECTIONS_AS_TABLES = {"peers": "[[peers]]", "folders": "[[folders]]", "rules": "[[rules]]"}
 
 
 def _default_text(model: type[BaseModel], name: str) -> str:

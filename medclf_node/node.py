@@ -127,6 +127,9 @@ class Node:
             self._started.append(svc)
         self._write_port_file(self.port)
         log.info("listening on %s:%d as %s", self.cfg.node.host, self.port, self.cfg.node.ae_title)
+        for dest in self.cfg.results.destinations:
+            folder = self.cfg.folder(dest)
+            log.info("results to %s", f"folder {folder.path} ({dest})" if folder is not None else dest)
         return self.port
 
     def _write_port_file(self, port: int) -> None:

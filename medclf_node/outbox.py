@@ -5,7 +5,8 @@ Items live in the index's ``outbox`` table (written by the pipeline with
 
 * polls for due items (``state='queued'`` and ``next_attempt_at <= now``) every
   ``poll_seconds`` or when :meth:`Dispatcher.wake` is called;
-* resolves the destination: a peer name, or ``"sender"`` = the peer whose AE title is the
+* resolves the destination: a peer name, a ``[[folders]]`` name (written to a directory by
+  :mod:`medclf_node.folder_destination`), or ``"sender"`` = the peer whose AE title is the
   calling AE of the item's series (no such peer: the item is dead-lettered at once, with
   the reason, because retrying cannot help);
 * hands items to one worker thread *per destination*, so a dead or slow peer delays only
@@ -27,7 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from medclf_node.config import Config
+from medclf_node.config import Config, FolderSection
+from medclf_node.folder_destination import deliver
 from medclf_node.ingest.index import Index, OutboxItem
 from medclf_node.net.scu import Peer, SendError, send_files
 from medclf_node.net.tls import client_context
@@ -36,6 +38,8 @@ from medclf_node.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 BATCH = 32  # items one association may carry
+
+Target = Peer | FolderSection  # where a destination's items go
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -46,10 +50,10 @@ def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
 class _DestinationWorker:
     """One thread sending the items of one destination, in order of arrival."""
 
-    def __init__(self, dispatcher: Dispatcher, name: str, peer: Peer) -> None:
+    def __init__(self, dispatcher: Dispatcher, name: str, target: Target) -> None:
         self.dispatcher = dispatcher
         self.name = name
-        self.peer = peer
+        self.target = target
         self.queue: queue.Queue[OutboxItem | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
         self.thread.start()
@@ -70,7 +74,7 @@ class _DestinationWorker:
                     break
                 batch.append(nxt)
             try:
-                self.dispatcher._send_batch(self.peer, batch)
+                self.dispatcher._send_batch(self.target, batch)
             except Exception:
                 log.exception("dispatch to %s failed unexpectedly", self.name)
             finally:
@@ -129,12 +133,12 @@ class Dispatcher:
             resolved = self._resolve(item)
             if resolved is None:
                 continue
-            name, peer = resolved
+            name, target = resolved
             with self._lock:
                 self._in_flight.add(item.id)
                 worker = self._workers.get(name)
                 if worker is None:
-                    worker = self._workers[name] = _DestinationWorker(self, name, peer)
+                    worker = self._workers[name] = _DestinationWorker(self, name, target)
             worker.queue.put(item)
             n += 1
         return n
@@ -149,8 +153,11 @@ class Dispatcher:
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
-    def _resolve(self, item: OutboxItem) -> tuple[str, Peer] | None:
-        """Destination -> (queue name, peer), or None after dead-lettering an unresolvable item."""
+    def _resolve(self, item: OutboxItem) -> tuple[str, Target] | None:
+        """Destination -> (queue name, peer or folder), or None after dead-lettering an unresolvable item."""
+        folder = self.cfg.folder(item.destination)
+        if folder is not None:
+            return folder.name, folder
         if item.destination == "sender":
             series = self.index.get_series(item.series_uid)
             calling = series.calling_ae if series is not None else "?"
@@ -165,7 +172,7 @@ class Dispatcher:
             try:
                 p = self.cfg.peer(item.destination)
             except KeyError:
-                why = f"destination {item.destination!r} is not a configured peer"
+                why = f"destination {item.destination!r} is not a configured peer or folder"
                 log.error("%s %s: %s", item.kind, item.object_uid, why)
                 self.index.mark_dead(item.id, why)
                 return None
@@ -176,7 +183,7 @@ class Dispatcher:
             for item in batch:
                 self._in_flight.discard(item.id)
 
-    def _send_batch(self, peer: Peer, batch: list[OutboxItem]) -> None:
+    def _send_batch(self, target: Target, batch: list[OutboxItem]) -> None:
         d = self.cfg.dispatch
         data_dir = Path(self.cfg.node.data_dir)
         sendable: list[tuple[OutboxItem, Path]] = []
@@ -190,16 +197,13 @@ class Dispatcher:
         if not sendable:
             return
         t0 = time.perf_counter()
+        label = f"folder {target.path}" if isinstance(target, FolderSection) else target.ae_title
         try:
-            results = send_files(peer, [p for _, p in sendable], local_ae=self.cfg.node.ae_title,
-                                 timeout=d.timeout_seconds)
-            errors: list[str | None] = [
-                None if r.ok else (r.error or f"status 0x{r.status or 0:04X}") for r in results
-            ]
+            errors = self._deliver(target, [p for _, p in sendable])
         except SendError as exc:
             errors = [str(exc)] * len(sendable)
         except Exception as exc:  # counts as a failed attempt, never a hot retry loop
-            log.exception("sending to %s failed", peer.ae_title)
+            log.exception("sending to %s failed", label)
             errors = [f"{type(exc).__name__}: {exc}"] * len(sendable)
         now = time.time()
         tm = self.telemetry
@@ -209,7 +213,7 @@ class Dispatcher:
             attempts = item.attempts + 1
             if err is None:
                 self.index.mark_sent(item.id)
-                log.info("sent %s %s to %s", item.kind, item.object_uid, peer.ae_title)
+                log.info("sent %s %s to %s", item.kind, item.object_uid, label)
                 with tm.guard("sent"):
                     tm.audit.result_object("sent", object_uid=item.object_uid, destination=item.destination,
                                            series_uid=item.series_uid, kind=item.kind, attempts=attempts)
@@ -223,7 +227,14 @@ class Dispatcher:
                                            series_uid=item.series_uid, kind=item.kind, attempts=attempts, reason=err)
             if state == "dead":
                 log.error("%s %s to %s dead after %d attempts: %s", item.kind, item.object_uid,
-                          peer.ae_title, attempts, err)
+                          label, attempts, err)
             else:
                 log.warning("%s %s to %s failed (attempt %d/%d, next in %.1f s): %s", item.kind,
-                            item.object_uid, peer.ae_title, attempts, d.max_attempts, delay, err)
+                            item.object_uid, label, attempts, d.max_attempts, delay, err)
+
+    def _deliver(self, target: Target, files: list[Path]) -> list[str | None]:
+        """Per file None when delivered, else the reason: C-STORE to a peer, or a durable write to a folder."""
+        if isinstance(target, FolderSection):
+            return deliver(target, files, durable=self.cfg.node.durable_writes)
+        results = send_files(target, files, local_ae=self.cfg.node.ae_title, timeout=self.cfg.dispatch.timeout_seconds)
+        return [None if r.ok else (r.error or f"status 0x{r.status or 0:04X}") for r in results]

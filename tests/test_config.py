@@ -64,7 +64,7 @@ destinations = ["pacs"]
         ({"node": {"ae_title": "A\\B"}}, "node.ae_title"),
         ({"node": {"ae_title": "THIS_IS_WAY_TOO_LONG"}}, "node.ae_title"),
         ({"peers": [{"name": "pacs", "host": "h", "port": 1}]}, "peers[0].ae_title: required key is missing"),
-        ({"results": {"destinations": ["nowhere"]}}, "'nowhere' is not a peer name"),
+        ({"results": {"destinations": ["nowhere"]}}, "'nowhere' is neither a peer nor a folder"),
         ({"accept": {"calling_ae_titles": ["*", "PACS"]}}, "accept.calling_ae_titles"),
         ({"rules": [{"name": "r", "models": ["m"], "series_description_regex": "("}]}, "not a valid regular"),
         ({"rules": [{"name": "r", "models": ["m"], "slice_thickness_mm": [3, 1]}]}, "slice_thickness_mm"),
