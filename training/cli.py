@@ -74,6 +74,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             total=args.count,
             unit="series",
             desc="synth",
+            disable=None,  # a bar only when stderr is a terminal
         )
     )
     index = write_index(args.out_dir, cases)
@@ -92,8 +93,10 @@ def _args_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="folder for TFRecord shards and dataset.json")
     p.add_argument("--config", type=Path, required=True, help="TOML with [preprocess] and optional [convert]")
     p.add_argument("--format", choices=FORMATS, default="dicom", help="input format (default dicom)")
-    p.add_argument("--annotations", type=Path, default=None, help="LUNA16 annotations.csv")
-    p.add_argument("--candidates", type=Path, default=None, help="LUNA16 candidates.csv")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="LUNA16 annotations.csv (default: INPUT/annotations.csv when it exists)")
+    p.add_argument("--candidates", type=Path, default=None,
+                   help="LUNA16 candidates.csv (default: INPUT/candidates.csv when it exists)")
     p.add_argument(
         "--labels",
         type=Path,
@@ -101,7 +104,19 @@ def _args_convert(p: argparse.ArgumentParser) -> None:
         help="labels.csv: NIfTI (file,patient_id,label) or DICOM (series_instance_uid or patient_id, label)",
     )
     p.add_argument("--shards", type=int, default=None, help="override convert.shards")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar when stderr is a terminal)")
+
+
+def _luna16_csv(given: Path | None, root: Path, name: str) -> Path | None:
+    """An explicit CSV, else ``root/name`` of a LUNA16 download when it is there (the challenge's layout)."""
+    if given is not None:
+        return given
+    found = root / name
+    if found.is_file():
+        log.info("convert: using %s", found)
+        return found
+    return None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -113,14 +128,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     cfg = load_convert_config(args.config)
     if args.shards is not None:
         cfg = cfg.model_copy(update={"convert": cfg.convert.model_copy(update={"shards": args.shards})})
+    annotations, candidates, total = args.annotations, args.candidates, None
+    if args.format == "luna16":
+        annotations = _luna16_csv(annotations, args.input, "annotations.csv")
+        candidates = _luna16_csv(candidates, args.input, "candidates.csv")
+        total = sum(1 for _ in args.input.rglob("*.mhd"))
     cases = iter_cases(
         args.format,
         args.input,
-        annotations_csv=args.annotations,
-        candidates_csv=args.candidates,
+        annotations_csv=annotations,
+        candidates_csv=candidates,
         labels_csv=args.labels,
     )
-    summary = convert(cases, args.out_dir, cfg, progress=not args.no_progress)
+    summary = convert(cases, args.out_dir, cfg, total=total, progress=False if args.no_progress else None)
     print(json.dumps(summary["totals"], indent=1))
     return 0
 
@@ -130,23 +150,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _args_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("tfrecord_dir", type=Path, help="folder written by `convert` (reads dataset.json)")
+    p.add_argument("--by", choices=["stratified", "luna16-subset"], default="stratified",
+                   help="stratified: shuffled, label-stratified k folds + test share (default); luna16-subset: the "
+                   "LUNA16 challenge's folds, fold k = the scans of subsetk (-k, --test-fraction, --seed unused)")
     p.add_argument("-k", "--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
+    p.add_argument("--test-subsets", type=int, nargs="*", default=[], metavar="N",
+                   help="luna16-subset: subsets held out as the test split (default none: all ten are folds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="splits file (default <tfrecord_dir>/splits.json)")
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    """Patient-level stratified k-fold + test split of a converted dataset."""
-    from training.data.splits import SPLITS_FILENAME, make_splits, patient_labels_from_summary
+    """Patient-level split of a converted dataset: stratified k-fold + test, or the LUNA16 subset folds."""
+    from training.data.splits import (
+        SPLITS_FILENAME,
+        luna16_subset_splits,
+        make_splits,
+        patient_labels_from_summary,
+    )
 
-    labels = patient_labels_from_summary(args.tfrecord_dir / "dataset.json")
-    splits = make_splits(labels, k=args.folds, test_fraction=args.test_fraction, seed=args.seed)
+    summary = args.tfrecord_dir / "dataset.json"
+    labels = patient_labels_from_summary(summary)
+    if args.by == "luna16-subset":
+        splits = luna16_subset_splits(summary, test_subsets=args.test_subsets)
+    else:
+        splits = make_splits(labels, k=args.folds, test_fraction=args.test_fraction, seed=args.seed)
     out = splits.save(args.out or args.tfrecord_dir / SPLITS_FILENAME)
     pos = sum(labels[p] for p in splits.test)
-    print(f"test: {len(splits.test)} patients ({pos} positive)")
+    held = f" [{', '.join(splits.test_names)}]" if splits.test_names else ""
+    print(f"test: {len(splits.test)} patients ({pos} positive){held}")
     for i, f in enumerate(splits.folds):
-        print(f"fold {i}: {len(f)} patients ({sum(labels[p] for p in f)} positive)")
+        name = f" [{splits.fold_names[i]}]" if splits.fold_names else ""
+        print(f"fold {i}: {len(f)} patients ({sum(labels[p] for p in f)} positive){name}")
     print(f"wrote {out}")
     return 0
 
@@ -154,7 +190,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Command, str]] = {
     "synth": (cmd_synth, "write synthetic CT phantoms as DICOM series + ground truth"),
     "convert": (cmd_convert, "cases -> preprocessed, patient-grouped TFRecord shards"),
-    "split": (cmd_split, "patient-level stratified k-fold + test split"),
+    "split": (cmd_split, "patient-level split: stratified k-fold + test, or the LUNA16 subset folds"),
 }
 
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
@@ -188,11 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     from training.data.config import ConvertConfigError
-    from training.data.splits import LeakageError
+    from training.data.splits import LeakageError, SplitsError
 
     try:
         return int(args.func(args))
-    except (ConvertConfigError, LeakageError, FileNotFoundError) as exc:
+    except (ConvertConfigError, LeakageError, SplitsError, FileNotFoundError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

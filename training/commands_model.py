@@ -59,9 +59,35 @@ def _splits(cfg: Any) -> tuple[Path, Any]:
     return Path(d), Splits.load(path)
 
 
-def _fold_data(cfg: Any, fold: int) -> tuple[Any, Any, Any]:
-    """(train Split, validation Split, the pipeline's batched+shuffled training dataset) of one fold."""
+DETERMINISM = ("data", "ops", "off")
+
+
+def _add_determinism(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--determinism", choices=DETERMINISM, default="data",
+                   help="data (default): the same config, seed and data give the same weights and fold results on "
+                   "CPU (training augmentation runs on one tf.data thread); ops: also TensorFlow's deterministic "
+                   "kernels (GPU; slower); off: multi-threaded augmentation, results may differ between runs")
+
+
+def _apply_determinism(mode: str) -> None:
+    """``ops``: tf.config.experimental.enable_op_determinism() (process-wide, before any model is built)."""
+    if mode == "ops":
+        from training.tfenv import tf
+
+        tf.config.experimental.enable_op_determinism()
+        log.info("determinism: TensorFlow op determinism enabled")
+
+
+def _fold_data(cfg: Any, fold: int, determinism: str = "data") -> tuple[Any, Any, Any]:
+    """(train Split, validation Split, the pipeline's batched+shuffled training dataset) of one fold.
+
+    Unless ``determinism`` is 'off' the training dataset runs its maps on a private one-thread pool:
+    with TensorFlow's shared pools the augmentation (warp, then the contrast mean) of an example now
+    and then differed in the last bit between processes (measured 2026-12-02, TF 2.21, 2 cores), and
+    the training amplified that into different weights and fold AUCs.
+    """
     from training.data.pipeline import make_dataset
+    from training.tfenv import tf
     from training.train import Split
 
     d, splits = _splits(cfg)
@@ -69,6 +95,10 @@ def _fold_data(cfg: Any, fold: int) -> tuple[Any, Any, Any]:
     train_ds, _ = make_dataset(d, patients=train_p, batch_size=cfg.fit.batch_size, training=True,
                                seed=cfg.fit.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                augment_cfg=cfg.data.augment, balance=cfg.data.balance)
+    if determinism != "off":
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = 1
+        train_ds = train_ds.with_options(options)
     return Split.from_tfrecords(d, train_p), Split.from_tfrecords(d, val_p), train_ds
 
 
@@ -85,20 +115,24 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default=None,
                    help="override fit.precision")
     p.add_argument("--epochs", type=int, default=None, help="override fit.epochs")
+    _add_determinism(p)
 
 
-def train_fold(cfg: Any, fold: int, run: Path) -> Any:
+def train_fold(cfg: Any, fold: int, run: Path, determinism: str = "data") -> Any:
     """Fit the model of ``fold`` into ``run`` from the TFRecords; returns the TrainResult."""
+    from training.tfenv import keras
     from training.train import fit
 
-    train, val, train_ds = _fold_data(cfg, fold)
+    keras.utils.set_random_seed(cfg.fit.seed)  # before the data, as cross_validate does for each fold
+    train, val, train_ds = _fold_data(cfg, fold, determinism)
     return fit(cfg, train, val, run, train_ds)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model on the development folds except --fold, validating on --fold."""
     cfg = _load_training(args)
-    res = train_fold(cfg, args.fold, _run_dir(cfg, args))
+    _apply_determinism(args.determinism)
+    res = train_fold(cfg, args.fold, _run_dir(cfg, args), args.determinism)
     print(json.dumps({"run_dir": str(res.run_dir), "best_val_auc": res.best_val_auc, "epochs": res.epochs_run}))
     return 0
 
@@ -110,6 +144,10 @@ def _args_cv(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="experiment TOML")
     p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"], default=None)
     p.add_argument("--epochs", type=int, default=None, help="override fit.epochs")
+    p.add_argument("--resume", action="store_true",
+                   help="keep folds finished by an earlier run of the same config (fit_result.json + cv_row.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the folds")
+    _add_determinism(p)
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
@@ -118,7 +156,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     cfg = _load_training(args)
     _, splits = _splits(cfg)
-    summary = cross_validate(cfg, lambda k: _fold_data(cfg, k), splits.k)
+    _apply_determinism(args.determinism)
+    summary = cross_validate(cfg, lambda k: _fold_data(cfg, k, args.determinism), splits.k, resume=args.resume,
+                             progress=False if args.no_progress else None)
     for row in summary["folds"]:
         print(f"fold {row['fold']}: validation AUC {row['val_auc']:.4f} ({row['n_val']} samples)")
     print(f"mean {summary['val_auc_mean']:.4f} +- {summary['val_auc_sd']:.4f} (sd over {splits.k} folds)")
@@ -135,10 +175,15 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 
 def evaluate_run(cfg: Any, fold: int, run: Path) -> dict[str, Any]:
     """Threshold on validation fold ``fold``, metrics on the test split; writes ``run/evaluation``."""
+    from training.data.splits import SplitsError
     from training.evaluate import evaluate_scores
     from training.train import Split, load_trained_model, predict_split
 
     d, splits = _splits(cfg)
+    if not splits.test:
+        raise SplitsError(f"{d / 'splits.json'} holds no test patients (a LUNA16 subset split without "
+                          "--test-subsets): nothing to evaluate; `split --by luna16-subset --test-subsets 9` "
+                          "holds one out")
     model = load_trained_model(run)
     _, val_p = splits.fold(fold)
     parts = []
@@ -228,6 +273,7 @@ def _print_checks(result: Any) -> None:
 def _args_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="experiment TOML (with an optional [pipeline] table)")
     p.add_argument("--force", action="store_true", help="redo every step instead of resuming")
+    _add_determinism(p)
 
 
 def _data_step(argv: list[str]) -> None:
@@ -240,11 +286,21 @@ def _data_step(argv: list[str]) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    """synth (or read) -> convert -> split -> cv -> train -> evaluate -> export; finished steps are skipped."""
-    from training.data.splits import SPLITS_FILENAME
-    from training.train import DONE_FILE, cross_validate
+    """synth (or read) -> convert -> split -> cv -> train -> evaluate -> export; finished steps are skipped.
+
+    Resumable at every step and, inside cv, at the first unfinished fold (finished folds are kept,
+    a partial one restarts cleanly).  LUNA16 (``source = "luna16"``): convert finds
+    ``input_dir/annotations.csv`` and ``candidates.csv``; the split is the challenge's subset folds
+    (fold k = subsetk) with the highest-numbered subset held out as the locked test split, so
+    ``cv_folds`` and ``test_fraction`` are not used.
+    """
+    import shutil
+
+    from training.data.splits import SPLITS_FILENAME, luna16_subset_of
+    from training.train import DONE_FILE, _is_chief, cross_validate
 
     cfg = _load_training(args)
+    _apply_determinism(args.determinism)
     pl = cfg.pipeline
     work = Path(pl.work_dir)
     tfr = Path(cfg.data.tfrecord_dir) if cfg.data.tfrecord_dir is not None else work / "tfr"
@@ -270,18 +326,28 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             raise FileNotFoundError("[pipeline] input_dir is required when source is not 'synth'")
         cases = Path(pl.input_dir)
     if todo(tfr / "dataset.json", "convert"):
-        _data_step(["convert", str(cases), str(tfr), "--config", str(args.config), "--no-progress",
+        # no --no-progress: convert shows its bar only when stderr is a terminal
+        _data_step(["convert", str(cases), str(tfr), "--config", str(args.config),
                     *([] if pl.source == "synth" else ["--format", pl.source])])
     if todo(tfr / SPLITS_FILENAME, "split"):
-        _data_step(["split", str(tfr), "-k", str(cfg.cv_folds), "--test-fraction", str(pl.test_fraction),
-                    "--seed", str(cfg.fit.seed)])
+        if pl.source == "luna16":
+            patients = json.loads((tfr / "dataset.json").read_text(encoding="utf-8"))["patients"]
+            subsets = {luna16_subset_of(src) for info in patients.values() for src in info.get("sources", [])}
+            last = max((s for s in subsets if s is not None), default=None)
+            _data_step(["split", str(tfr), "--by", "luna16-subset",
+                        *([] if last is None else ["--test-subsets", str(last)])])
+        else:
+            _data_step(["split", str(tfr), "-k", str(cfg.cv_folds), "--test-fraction", str(pl.test_fraction),
+                        "--seed", str(cfg.fit.seed)])
     _, splits = _splits(cfg)
     if pl.run_cv and todo(Path(cfg.run_dir) / "cv.json", "cv"):
-        summary = cross_validate(cfg, lambda k: _fold_data(cfg, k), splits.k)
+        summary = cross_validate(cfg, lambda k: _fold_data(cfg, k, args.determinism), splits.k, resume=not force)
         print(f"cv: validation AUC {summary['val_auc_mean']:.4f} +- {summary['val_auc_sd']:.4f}")
     run = Path(cfg.run_dir) / f"fold-{pl.fold}"
     if todo(run / DONE_FILE, f"train fold {pl.fold}"):
-        train_fold(cfg, pl.fold, run)
+        if run.exists() and _is_chief():
+            shutil.rmtree(run)  # a partial run from an interrupt: restart it cleanly
+        train_fold(cfg, pl.fold, run, args.determinism)
     if todo(run / "evaluation" / "report.json", "evaluate"):
         evaluate_run(cfg, pl.fold, run)
     out = work / "model" / cfg.name

@@ -46,6 +46,7 @@ WEIGHTS_FILE = "best.weights.h5"
 CONFIG_FILE = "train_config.json"
 HISTORY_FILE = "history.csv"
 DONE_FILE = "fit_result.json"  # written last: its presence means the run finished (resumable pipelines)
+CV_ROW_FILE = "cv_row.json"  # a fold's cross-validation row, written after its fit_result.json
 
 
 @dataclass(frozen=True)
@@ -410,28 +411,72 @@ def split_auc(cfg: TrainConfig, split: Split, scores: npt.NDArray[np.float32]) -
 
 
 def cross_validate(
-    cfg: TrainConfig, fold_data: Callable[[int], tuple[Split, Split, tf.data.Dataset | None]], folds: int
+    cfg: TrainConfig,
+    fold_data: Callable[[int], tuple[Split, Split, tf.data.Dataset | None]],
+    folds: int,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Fit one model per fold, score its validation fold; per-fold results and mean +- sd (ddof=1).
 
     ``fold_data(k)`` returns (train, validation, optional batched training dataset) for fold ``k``.
-    Each fold is written to ``cfg.run_dir / "fold-k"``; the summary goes to ``cfg.run_dir / "cv.json"``.
+    Each fold is written to ``cfg.run_dir / "fold-k"`` and its result row to ``fold-k/cv_row.json``;
+    the summary goes to ``cfg.run_dir / "cv.json"``.
+
+    ``resume``: a fold is finished when its ``fit_result.json`` and ``cv_row.json`` exist and its saved
+    config equals ``cfg``; finished folds are not refitted (an interrupted run continues at the first
+    unfinished fold).  Any other fold directory is partial or stale and is removed before the fold is
+    fitted again from scratch.  Reproducible: the seeds are reset to ``fit.seed`` before each fold's
+    data is built, so fold k gives the same result whether folds 0..k-1 ran in this process or not
+    (tf.data shuffles take the global seed as well as their own).  ``progress``: a tqdm bar over the
+    folds on stderr; None shows it only when stderr is a terminal.
     """
+    import shutil
+
+    from tqdm import tqdm
+
+    def finished(run: Path) -> dict[str, Any] | None:
+        row_file, cfg_file = run / CV_ROW_FILE, run / CONFIG_FILE
+        if not ((run / DONE_FILE).is_file() and row_file.is_file() and cfg_file.is_file()):
+            return None
+        if TrainConfig.model_validate_json(cfg_file.read_text(encoding="utf-8")) != cfg:
+            log.info("fold %s: its saved config differs from this one; fitted again", run.name)
+            return None
+        row: dict[str, Any] = json.loads(row_file.read_text(encoding="utf-8"))
+        return row
+
+    chief = _is_chief()
     rows = []
-    for k in range(folds):
+    bar = tqdm(range(folds), desc="cv", unit="fold", disable=None if progress is None else not progress)
+    for k in bar:
+        run = cfg.run_dir / f"fold-{k}"
+        done = finished(run) if resume else None
+        if done is not None:
+            log.info("fold %d: finished earlier (%s), not refitted", k, run / CV_ROW_FILE)
+            rows.append(done)
+            continue
+        if chief and run.exists():
+            log.info("fold %d: removing the earlier (partial or stale) %s", k, run)
+            shutil.rmtree(run)
+        keras.utils.set_random_seed(cfg.fit.seed)  # before the data: fold k must not depend on folds < k
         train, val, train_ds = fold_data(k)
-        res = fit(cfg, train, val, cfg.run_dir / f"fold-{k}", train_ds)
+        res = fit(cfg, train, val, run, train_ds)
         model = load_trained_model(res.run_dir)
         scores = predict_split(model, val)
         rows.append({"fold": k, "val_auc": split_auc(cfg, val, scores), "best_epoch_val_auc": res.best_val_auc,
                      "epochs": res.epochs_run, "n_train": len(train), "n_val": len(val)})
+        if chief:
+            (run / CV_ROW_FILE).write_text(json.dumps(rows[-1], indent=1), encoding="utf-8")
         keras.backend.clear_session()
+        bar.set_postfix(val_auc=f"{rows[-1]['val_auc']:.3f}")
         log.info("fold %d: validation AUC %.4f", k, rows[-1]["val_auc"])
     aucs = np.array([r["val_auc"] for r in rows], dtype=np.float64)
     summary = {"folds": rows, "val_auc_mean": float(np.nanmean(aucs)),
                "val_auc_sd": float(np.nanstd(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
                "level": "series" if cfg.preprocess.mode != "3d" else "volume"}
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "cv.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if chief:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "cv.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("cv: validation AUC %.4f +- %.4f over %d folds", summary["val_auc_mean"], summary["val_auc_sd"], folds)
     return summary

@@ -139,9 +139,15 @@ def case_samples(case: Case, spec: PreprocessSpec, cfg: SampleSection, rng: np.r
 
 
 def convert(
-    cases: Iterable[Case], out_dir: Path, cfg: ConvertConfig, *, total: int | None = None, progress: bool = True
+    cases: Iterable[Case], out_dir: Path, cfg: ConvertConfig, *, total: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Write shards + ``dataset.json`` for ``cases``; returns the summary."""
+    """Write shards + ``dataset.json`` for ``cases``; returns the summary.
+
+    ``progress``: a tqdm bar on stderr; None shows it only when stderr is a terminal (quiet in logs
+    and CI).  Each patient's entry records the ``sources`` (paths) of its cases, so splits that
+    follow the layout of a download (the LUNA16 ``subsetN`` folds) can be made from the summary.
+    """
     from training.data.tfrecords import PatientShardWriter  # TensorFlow only when writing
 
     spec = cfg.preprocess
@@ -152,7 +158,8 @@ def convert(
     shard_pos = [0] * conv.shards
     out_dir.mkdir(parents=True, exist_ok=True)
     with PatientShardWriter(out_dir, conv.shards, conv.compression) as writer:
-        bar = tqdm(cases, total=total, unit="case", disable=not progress, desc="convert")
+        bar = tqdm(cases, total=total, unit="case", disable=None if progress is None else not progress,
+                   desc="convert")
         for case in bar:
             try:
                 samples = list(case_samples(case, spec, conv.samples, rng))
@@ -163,7 +170,8 @@ def convert(
                 skipped.append({"case_id": case.case_id, "patient_id": case.patient_id, "reason": str(exc)})
                 continue
             info = patients.setdefault(
-                case.patient_id, {"shard": None, "label": 0, "samples": 0, "positives": 0, "cases": []}
+                case.patient_id,
+                {"shard": None, "label": 0, "samples": 0, "positives": 0, "cases": [], "sources": []},
             )
             for s in samples:
                 shard = writer.write(s.image, s.label, case.patient_id, case.case_id, s.position)
@@ -173,6 +181,7 @@ def convert(
             info["positives"] += sum(s.label for s in samples)
             info["label"] = max(int(info["label"]), int(case.label or 0), int(any(s.label for s in samples)))
             info["cases"].append(case.case_id)
+            info["sources"].append(str(case.source))
             bar.set_postfix(patients=len(patients), samples=sum(writer.counts))
         shard_counts = list(writer.counts)
         shard_paths = [p.name for p in writer.paths]

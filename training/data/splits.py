@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,10 @@ SPLITS_FILENAME = "splits.json"
 
 class LeakageError(RuntimeError):
     """The same patient appears on both sides of a split."""
+
+
+class SplitsError(ValueError):
+    """A split cannot be made (or used) as asked; the message says why."""
 
 
 def assert_no_leakage(**groups: Iterable[str]) -> None:
@@ -54,10 +59,15 @@ class Splits(BaseModel):
     test: tuple[str, ...]
     folds: tuple[tuple[str, ...], ...] = Field(min_length=2)
     labels: dict[str, int] = Field(default_factory=dict, description="Patient label used for stratification.")
+    method: str = Field("stratified", description="How the folds were made: 'stratified' or 'luna16-subset'.")
+    fold_names: tuple[str, ...] = Field((), description="Name of each fold (e.g. its LUNA16 subset folder).")
+    test_names: tuple[str, ...] = Field((), description="Groups held out as the test split (e.g. subset9).")
 
     @model_validator(mode="after")
     def _check(self) -> Splits:
         assert_no_leakage(test=self.test, **{f"fold{i}": f for i, f in enumerate(self.folds)})
+        if self.fold_names and len(self.fold_names) != len(self.folds):
+            raise ValueError(f"{len(self.fold_names)} fold_names for {len(self.folds)} folds")
         return self
 
     @property
@@ -131,3 +141,68 @@ def patient_labels_from_summary(summary_path: Path) -> dict[str, int]:
     for pid, info in data["patients"].items():
         out[pid] = int(info["label"])
     return out
+
+
+LUNA16_SUBSET = re.compile(r"^subset(\d+)$")
+
+
+def luna16_subset_of(source: str) -> int | None:
+    """The N of the ``subsetN`` folder a LUNA16 scan was read from (the nearest one in its path)."""
+    for part in reversed(Path(source).parts[:-1]):
+        m = LUNA16_SUBSET.match(part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def luna16_subset_splits(summary_path: Path, *, test_subsets: Iterable[int] = ()) -> Splits:
+    """The LUNA16 challenge's cross-validation split: one fold per ``subsetN`` folder of the download.
+
+    The challenge defines ten folds, fold k = the scans of ``subsetk`` (a scan is a patient there:
+    the series UID is the patient ID).  Subsets named in ``test_subsets`` are held out as the test
+    split instead; the remaining subsets become the folds in ascending order, so with the
+    highest-numbered subsets held out fold k is still subset k.  The subset of a patient comes from
+    the source paths ``convert`` records in ``dataset.json``; a patient with no ``subsetN`` folder in
+    its path, or with scans in two subsets, is an error.
+    """
+    data = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+    by_subset: dict[int, list[str]] = defaultdict(list)
+    problems: list[str] = []
+    for pid, info in sorted(data["patients"].items()):
+        sources = info.get("sources")
+        if not sources:
+            raise SplitsError(
+                f"{summary_path}: patient {pid} has no recorded source path; re-run `medclf-train convert` "
+                "(dataset.json files written before the LUNA16 subset split do not record them)"
+            )
+        subsets = {luna16_subset_of(s) for s in sources}
+        if None in subsets or len(subsets) != 1:
+            problems.append(f"{pid}: {sorted(sources)}")
+            continue
+        (sub,) = subsets
+        assert sub is not None
+        by_subset[sub].append(pid)
+    if problems:
+        raise SplitsError(
+            f"{len(problems)} patient(s) not in exactly one subsetN folder (is this a LUNA16 download?): "
+            + "; ".join(problems[:5])
+        )
+    held = sorted(set(int(t) for t in test_subsets))
+    missing = [t for t in held if t not in by_subset]
+    if missing:
+        raise SplitsError(f"test subset(s) {missing} not found; the data has subsets {sorted(by_subset)}")
+    fold_subsets = [s for s in sorted(by_subset) if s not in held]
+    if len(fold_subsets) < 2:
+        raise SplitsError(f"subsets {fold_subsets} left for folds: cross-validation needs at least two")
+    if fold_subsets != list(range(len(fold_subsets))):
+        log.warning("LUNA16 folds are subsets %s in that order: fold k is not subset k", fold_subsets)
+    labels = {p: int(v["label"]) for p, v in sorted(data["patients"].items())}
+    return Splits(
+        seed=0,
+        test=tuple(sorted(p for t in held for p in by_subset[t])),
+        folds=tuple(tuple(sorted(by_subset[s])) for s in fold_subsets),
+        labels=labels,
+        method="luna16-subset",
+        fold_names=tuple(f"subset{s}" for s in fold_subsets),
+        test_names=tuple(f"subset{t}" for t in held),
+    )
