@@ -72,3 +72,26 @@ def test_convert_bar_is_quiet_without_a_terminal(tmp_path: Path, capsys: pytest.
     assert main(["convert", str(dicom), str(tmp_path / "tfr"), "--config", str(cfg)]) == 0
     err = capsys.readouterr().err
     assert "convert:" not in err and "case/s" not in err
+
+
+def test_fit_draws_the_epoch_bar_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training loop itself: tqdm bars when stderr is a terminal (Keras' lines are off then)."""
+    import sys
+
+    from training.train import Split, fit
+    from training.train_config import parse_train_config
+
+    cfg = parse_train_config({
+        "name": "bar", "output_dir": str(tmp_path),
+        "preprocess": {"mode": "2.5d", "windows": [{"center": -600, "width": 1500}], "input_shape": [16, 16],
+                       "context_slices": 1},
+        "model": {"family": "cnn2d", "base_filters": 4, "dropout": 0.0},
+        "fit": {"epochs": 2, "batch_size": 8, "warmup_epochs": 0.0, "precision": "float32", "strategy": "default"},
+    })
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 16, 16, 3), dtype=np.float32), np.arange(16) % 2
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    fit(cfg, Split.from_arrays(x, y), Split.from_arrays(x, y), cfg.run_dir)
+    err = capsys.readouterr().err
+    assert "epochs: 100%" in err and "2/2" in err, err[-2000:]

@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from training.modeling.factory import build_model
 from training.precision import choose_policy, default_policy
+from training.progress import fit_progress
 from training.schedules import WarmupCosine
 from training.tfenv import gpu_available, keras, tf
 from training.train_config import FitSection, TrainConfig
@@ -372,6 +373,8 @@ def fit(
             keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE)),
             keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
         ]
+    bars, verbose = fit_progress(None if chief else False)  # tqdm on a terminal; one line per epoch in logs
+    callbacks += bars
     if train_ds is None:
         train_ds = batched(train, fitc.batch_size, shuffle=cfg.data.shuffle_buffer, seed=fitc.seed)
     hist = model.fit(
@@ -381,7 +384,7 @@ def fit(
         steps_per_epoch=steps,
         class_weight=weights,
         callbacks=callbacks,
-        verbose=2,
+        verbose=verbose,
     )
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best = max(history.get("val_auc", [float("nan")]))
