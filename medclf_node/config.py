@@ -118,16 +118,24 @@ class CompletionSection(_Section):
         True, description="A series is complete when the association that sent it is released."
     )
     quiet_seconds: float = Field(
-        10.0, gt=0, description="...or when no instance of it arrived for this many seconds."
+        10.0, gt=0, description="...or when no instance of it arrived for this many seconds, unless the "
+        "association that sent it was aborted (see quiet_after_abort)."
     )
     max_wait_seconds: float = Field(
-        600.0, gt=0, description="...or at the latest this long after its first instance arrived."
+        600.0, gt=0, description="...or at the latest this long after its first instance arrived (the first "
+        "late instance, for a re-opened series). Also how long a series whose sending association was aborted "
+        "(A-ABORT, dropped connection, node stopped) waits for a clean release of an association carrying it."
+    )
+    quiet_after_abort: bool = Field(
+        False, description="Let the quiet timer complete a series whose sending association was aborted; "
+        "for senders that always end with A-ABORT instead of A-RELEASE. Off: such a series waits for a "
+        "clean release or max_wait_seconds, so a partial send is not reported before the sender re-sends it."
     )
     late_instances: Literal["reprocess", "ignore"] = Field(
         "reprocess",
         description="An instance arriving after its series completed is always stored; 'reprocess' "
-        "re-opens the series (results are re-sent with the same UIDs replaced by a new version), "
-        "'ignore' only records it.",
+        "re-opens the series and sends a new result version (new UIDs; the SR names the one it replaces "
+        "in its Predecessor Documents Sequence), 'ignore' only records it.",
     )
 
 

@@ -15,7 +15,9 @@ so a crash after this point loses nothing; a crash before it re-runs the series 
 (``Index.reset_processing_on_startup``) and produces the same UIDs.
 
 A series re-opened by a late instance while we worked has a newer ``generation``; our
-state update is then refused by the index and the newer generation is processed later.
+state update is then refused by the index, objects not yet queued are dropped, and the newer
+generation is processed later.  Each generation's objects carry their own UIDs and version
+(:class:`~medclf_node.reporting.uids.ResultVersion`, looked up in the index's ``reports``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -37,11 +39,12 @@ from medclf_node.config import Config
 from medclf_node.domain import ModelResult, NodeIdentity, SliceRef, Volume
 from medclf_node.inference.predict import predict_series
 from medclf_node.inference.registry import LoadedModel
-from medclf_node.ingest.index import Index, SeriesRow
+from medclf_node.ingest.index import Index, ReportRecord, SeriesRow
 from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
-from medclf_node.reporting import build_sc, build_sr, slice_orientation
+from medclf_node.reporting import build_sc, build_sr, result_uids, slice_orientation
+from medclf_node.reporting.uids import Predecessor, ResultVersion, label_version
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -255,25 +258,45 @@ class Pipeline:
     ) -> None:
         """Build SR and SC, write them durably, queue them for every destination."""
         key_ref: SliceRef = volume.slice_refs[result.key_slice_index]
-        objects: list[tuple[str, Dataset]] = []
+        objects: list[tuple[str, Dataset, ResultVersion]] = []
         if self.cfg.results.send_sr:
-            objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref)))
+            v = self._version(row, result, "SR")
+            objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref, version=v), v))
         if self.cfg.results.send_sc:
             key_source = sources[position[key_ref.sop_instance_uid]]
             key_hu = volume.array[result.key_slice_index]
+            v = self._version(row, result, "SC")
             objects.append(
                 ("SC", build_sc(key_source, key_hu, result, self.identity, key_frame_number=key_ref.frame_number,
-                                orientation=slice_orientation(volume.affine)))
+                                orientation=slice_orientation(volume.affine), generation=v.generation), v)
             )
         folder = self.outbox_dir / row.series_uid
         folder.mkdir(parents=True, exist_ok=True)
-        for kind, ds in objects:
+        for kind, ds, v in objects:
+            label_version(ds, v)
             sop_uid = str(ds.SOPInstanceUID)
+            record = ReportRecord(sop_uid, row.series_uid, result.model_name, kind, row.generation, v.number,
+                                  str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                                  v.predecessor.sop_instance_uid if v.predecessor else None)
+            if not self.index.record_report(record, generation=row.generation):
+                log.info("series %s: generation %d was re-opened by late instances; its %s is not sent",
+                         row.series_uid, row.generation, kind)
+                continue
             path = folder / f"{sop_uid}.dcm"
             write_atomic(path, encode(ds), durable=self.durable)
             rel = path.relative_to(self.cfg.node.data_dir).as_posix()
             for dest in self.cfg.results.destinations:
-                self.index.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel, replace_sent=row.generation > 0)  # type: ignore[arg-type]
+                # same UID = same generation = same content: what was sent stays sent
+                self.index.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel)  # type: ignore[arg-type]
+
+    def _version(self, row: SeriesRow, result: ModelResult, kind: Literal["SR", "SC"]) -> ResultVersion:
+        """The version the ``kind`` object of this generation is (the same again on a re-run)."""
+        uid = result_uids(row.series_uid, result.model_name, result.model_version,
+                          "sr" if kind == "SR" else "sc", generation=row.generation).sop_instance_uid
+        number, prev = self.index.report_version(row.series_uid, result.model_name, kind, uid)
+        pre = None if prev is None else Predecessor(prev.study_uid, prev.result_series_uid, prev.sop_class_uid,
+                                                    prev.sop_instance_uid, prev.version)
+        return ResultVersion(row.generation, number, pre)
 
 
 class WorkerPool:

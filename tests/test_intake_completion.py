@@ -47,15 +47,105 @@ def test_release_completes_unless_another_association_still_sends(tmp_path: Path
     index.close()
 
 
-def test_abort_does_not_complete_but_quiet_does(tmp_path: Path) -> None:
+def test_abort_holds_quiet_until_a_later_clean_release(tmp_path: Path) -> None:
+    """A partial send that ended in A-ABORT is not completed by the quiet timer; the re-send's release does."""
     index = Index(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time()
     _deliver(index, tracker, "1.1", "5.1", "a", t0)
     tracker.association_aborted("a")
     assert _state(index, "5.1") == ("received", None)
-    assert tracker.scan_once(now=t0 + 4) == 0
+    assert tracker.scan_once(now=t0 + 6) == 0  # quiet, but the sender aborted
+    assert tracker.scan_once(now=t0 + 60) == 0
+    row = index.get_series("5.1")
+    assert row is not None and row.sender_state == "aborted"
+    # the sender re-sends everything on a new association (duplicates included) and releases it
+    _deliver(index, tracker, "1.1", "5.1", "b", t0 + 61)
+    _deliver(index, tracker, "1.2", "5.1", "b", t0 + 61)
+    tracker.association_released("b")
+    assert _state(index, "5.1") == ("complete", "release")
+    index.close()
+
+
+def test_abort_then_max_wait(tmp_path: Path) -> None:
+    """Without a re-send, max_wait_seconds ends the wait (counted from the first instance)."""
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
+    t0 = time.time()
+    _deliver(index, tracker, "1.1", "5.1", "a", t0)
+    tracker.association_aborted("a")
+    assert tracker.scan_once(now=t0 + 99) == 0
+    assert tracker.scan_once(now=t0 + 101) == 1
+    assert _state(index, "5.1") == ("complete", "max_wait")
+    index.close()
+
+
+def test_aborted_again_keeps_the_hold_and_a_released_one_lifts_it_for_quiet(tmp_path: Path) -> None:
+    """A second abort keeps holding; a clean release with on_release off leaves it to the quiet timer."""
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(on_release=False, quiet_seconds=5, max_wait_seconds=100))
+    t0 = time.time()
+    _deliver(index, tracker, "1.1", "5.1", "a", t0)
+    tracker.association_aborted("a")
+    _deliver(index, tracker, "1.2", "5.1", "b", t0 + 1)  # a new instance alone does not lift the hold
+    tracker.association_aborted("b")
+    assert tracker.scan_once(now=t0 + 10) == 0
+    _deliver(index, tracker, "1.3", "5.1", "c", t0 + 11)
+    tracker.association_released("c")
+    assert _state(index, "5.1") == ("received", None)  # on_release is off...
+    assert tracker.scan_once(now=t0 + 17) == 1  # ...and the quiet timer applies again
+    assert _state(index, "5.1") == ("complete", "quiet")
+    index.close()
+
+
+def test_quiet_after_abort_option(tmp_path: Path) -> None:
+    """completion.quiet_after_abort: for senders that always end with an abort."""
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100,
+                                                         quiet_after_abort=True))
+    t0 = time.time()
+    _deliver(index, tracker, "1.1", "5.1", "a", t0)
+    tracker.association_aborted("a")
     assert tracker.scan_once(now=t0 + 6) == 1
+    assert _state(index, "5.1") == ("complete", "quiet")
+    index.close()
+
+
+def test_association_open_when_the_node_stopped_counts_as_aborted(tmp_path: Path) -> None:
+    """After kill -9 nobody saw the association end: on restart the series waits like an aborted one."""
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
+    t0 = time.time()
+    _deliver(index, tracker, "1.1", "5.1", "a", t0)  # node dies here; "a" never ends
+    _deliver(index, tracker, "2.1", "5.2", "x", t0)
+    tracker.association_released("x")  # 5.2 was finished cleanly before the crash
+    index.close()
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100), scan_interval=3600)
+    tracker.start()
+    try:
+        assert tracker.scan_once(now=t0 + 10) == 0
+        assert _state(index, "5.1") == ("received", None)
+        assert tracker.scan_once(now=t0 + 101) == 1
+        assert _state(index, "5.1") == ("complete", "max_wait")
+    finally:
+        tracker.stop()
+    index.close()
+
+
+def test_reopened_series_max_wait_counts_from_the_reopen(tmp_path: Path) -> None:
+    """A late instance long after the first must not complete the re-opened series at once via max_wait."""
+    index = Index(tmp_path)
+    tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
+    t0 = time.time() - 1000
+    _deliver(index, tracker, "1.1", "5.1", "a", t0)
+    tracker.association_released("a")
+    assert index.set_series_state("5.1", "sent")
+    _deliver(index, tracker, "1.2", "5.1", "b", t0 + 500)  # re-opens: generation 1
+    row = index.get_series("5.1")
+    assert row is not None and (row.state, row.generation, row.opened_at) == ("received", 1, t0 + 500)
+    assert tracker.scan_once(now=t0 + 502) == 0  # not max_wait: 2 s into this generation
+    assert tracker.scan_once(now=t0 + 506) == 1
     assert _state(index, "5.1") == ("complete", "quiet")
     index.close()
 
@@ -73,8 +163,8 @@ def test_on_release_off_and_max_wait(tmp_path: Path) -> None:
     index.close()
 
 
-def test_quiet_completion_through_the_network(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """An aborted association leaves the series to the quiet timer of the running node."""
+def test_abort_through_the_network_waits_for_the_resend(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An aborted association is not completed on the running node's quiet timer; the re-send's release completes it."""
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -84,18 +174,27 @@ def test_quiet_completion_through_the_network(node_factory, tmp_path: Path) -> N
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
     assert assoc.is_established
-    for f in files:
+    for f in files[:2]:
         assert assoc.send_c_store(f).Status == 0
     assoc.abort()
     db = node.data_dir / "index.sqlite"
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT state FROM series").fetchall() == [("received",)]
-    deadline = time.monotonic() + 10
-    state: list[tuple[str, str]] = []
-    while time.monotonic() < deadline:
+
+    def state() -> list[tuple[str, str | None, str | None]]:
         with sqlite3.connect(db) as c:
-            state = c.execute("SELECT state, completion FROM series").fetchall()
-        if state == [("complete", "quiet")]:
-            break
-        time.sleep(0.2)
-    assert state == [("complete", "quiet")]
+            return c.execute("SELECT state, completion, sender_state FROM series").fetchall()
+
+    deadline = time.monotonic() + 10
+    while state() != [("received", None, "aborted")] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state() == [("received", None, "aborted")]
+    time.sleep(3.0)  # three quiet periods
+    assert state() == [("received", None, "aborted")], node.log()[-2000:]
+    assert "not completed on the quiet timer" in node.log()
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    for f in files:
+        assert assoc.send_c_store(f).Status == 0
+    assoc.release()
+    deadline = time.monotonic() + 10
+    while state()[0][0] == "received" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state() == [("complete", "release", "released")]

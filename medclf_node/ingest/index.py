@@ -13,9 +13,19 @@ Outbox states: ``queued -> sent`` or ``queued -> dead`` (after ``dispatch.max_at
 ``requeue_dead`` moves dead items back to queued.
 
 Every series row carries a ``generation`` counter.  It increases when a late instance
-re-opens a finished series (``completion.late_instances = "reprocess"``); a worker that
-claimed an older generation can detect this, because :meth:`Index.set_series_state`
-with ``generation=`` refuses to overwrite a newer one.
+re-opens a finished series (``completion.late_instances = "reprocess"``), i.e. only when the
+series' instance set changed since it was last processed, never on a retry or restart; a worker
+that claimed an older generation can detect this, because :meth:`Index.set_series_state`
+with ``generation=`` refuses to overwrite a newer one.  The generation is part of the result
+objects' UIDs (:mod:`medclf_node.reporting.uids`), and table ``reports`` remembers which result
+object each generation produced, so the next one can name it as its predecessor and a re-run of
+the same generation (crash, restart) rebuilds the very same object.
+
+``series.sender_state`` says what the sender last did with the series: ``open`` (an association
+delivered instances and has not ended), ``released`` (a clean A-RELEASE), ``aborted`` (A-ABORT,
+dropped connection, or the node stopped while the association was open).  Only a clean release
+clears ``aborted``; while it is set the quiet timer does not complete the series
+(:meth:`Index.due_for_completion`).
 
 One connection guarded by a lock serves all threads of the process (writes are
 serialised by SQLite anyway, and this avoids SQLITE_BUSY between our own threads);
@@ -49,6 +59,9 @@ OutboxState = Literal["queued", "sent", "dead"]
 
 INDEX_FILENAME = "index.sqlite"
 
+# An instance marks its series' sender "open", except that only a clean release clears "aborted".
+_SENDER_OPEN = "(CASE WHEN sender_state='aborted' THEN 'aborted' ELSE 'open' END)"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -81,9 +94,26 @@ CREATE TABLE IF NOT EXISTS series (
     worker        TEXT,
     rule          TEXT,
     timings_json  TEXT,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    opened_at     REAL,
+    sender_state  TEXT
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+
+CREATE TABLE IF NOT EXISTS reports (
+    sop_instance_uid  TEXT PRIMARY KEY,
+    series_uid        TEXT NOT NULL,
+    model_name        TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    generation        INTEGER NOT NULL,
+    version           INTEGER NOT NULL,
+    study_uid         TEXT NOT NULL,
+    result_series_uid TEXT NOT NULL,
+    sop_class_uid     TEXT NOT NULL,
+    predecessor_uid   TEXT,
+    created_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_series ON reports(series_uid, model_name, kind);
 
 CREATE TABLE IF NOT EXISTS results (
     series_uid       TEXT NOT NULL,
@@ -154,6 +184,24 @@ class SeriesRow:
     rule: str | None
     timings: dict[str, float]
     updated_at: float
+    opened_at: float  # when the current generation started receiving (first_at for generation 0)
+    sender_state: str | None  # "open" | "released" | "aborted" | None (unknown: older database)
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    """One result object a generation produced (table ``reports``): what a successor names."""
+
+    sop_instance_uid: str
+    series_uid: str
+    model_name: str
+    kind: str  # "SR" | "SC"
+    generation: int
+    version: int  # 1, 2, ...: the n-th distinct result object of this series, model and kind
+    study_uid: str
+    result_series_uid: str
+    sop_class_uid: str
+    predecessor_uid: str | None
 
 
 @dataclass(frozen=True)
@@ -207,6 +255,16 @@ def _series_row(r: sqlite3.Row) -> SeriesRow:
         completed_at=r["completed_at"], completion=r["completion"], reason_code=r["reason_code"],
         reason_text=r["reason_text"], n_instances=r["n_instances"], worker=r["worker"], rule=r["rule"],
         timings=json.loads(r["timings_json"]) if r["timings_json"] else {}, updated_at=r["updated_at"],
+        opened_at=r["opened_at"] if r["opened_at"] is not None else r["first_at"], sender_state=r["sender_state"],
+    )
+
+
+def _report_record(r: sqlite3.Row) -> ReportRecord:
+    return ReportRecord(
+        sop_instance_uid=r["sop_instance_uid"], series_uid=r["series_uid"], model_name=r["model_name"],
+        kind=r["kind"], generation=r["generation"], version=r["version"], study_uid=r["study_uid"],
+        result_series_uid=r["result_series_uid"], sop_class_uid=r["sop_class_uid"],
+        predecessor_uid=r["predecessor_uid"],
     )
 
 
@@ -247,7 +305,18 @@ class Index:
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.execute("PRAGMA foreign_keys=ON")
         with self._lock:
+            self._migrate()
             self._conn.executescript(_SCHEMA)
+
+    def _migrate(self) -> None:
+        """Add the columns newer code needs to a database written by an older version."""
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(series)").fetchall()}
+        if not cols:
+            return  # new database: the schema creates everything
+        for name, decl in (("opened_at", "REAL"), ("sender_state", "TEXT")):
+            if name not in cols:
+                self._conn.execute(f"ALTER TABLE series ADD COLUMN {name} {decl}")
+                log.info("index: added column series.%s", name)
 
     # --- plumbing ----------------------------------------------------------------------
     @contextmanager
@@ -312,8 +381,8 @@ class Index:
             if s is None:
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, calling_ae, state, first_at, last_at,"
-                    " n_instances, updated_at) VALUES (?,?,?,'received',?,?,1,?)",
-                    (rec.series_uid, rec.study_uid, rec.calling_ae, now, now, now),
+                    " n_instances, updated_at, opened_at, sender_state) VALUES (?,?,?,'received',?,?,1,?,?,'open')",
+                    (rec.series_uid, rec.study_uid, rec.calling_ae, now, now, now, now),
                 )
                 return RecordOutcome(old is not None, previous, series_state_before=None, reopened=False)
             state = str(s["state"])
@@ -326,13 +395,13 @@ class Index:
                 c.execute(
                     "UPDATE series SET state='received', generation=generation+1, completed_at=NULL,"
                     " completion=NULL, reason_code='late_instance', reason_text=?, worker=NULL,"
-                    " last_at=?, updated_at=?,"
+                    " last_at=?, updated_at=?, opened_at=?, sender_state='open',"
                     " n_instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
-                    (f"re-opened from {state} by a late instance", now, now, rec.series_uid, rec.series_uid),
+                    (f"re-opened from {state} by a late instance", now, now, now, rec.series_uid, rec.series_uid),
                 )
             else:
                 c.execute(
-                    "UPDATE series SET last_at=MAX(last_at, ?), updated_at=?,"
+                    "UPDATE series SET last_at=MAX(last_at, ?), updated_at=?, sender_state=" + _SENDER_OPEN + ","
                     " n_instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?) WHERE series_uid=?",
                     (now, now, rec.series_uid, rec.series_uid),
                 )
@@ -366,18 +435,63 @@ class Index:
             )
             return cur.rowcount == 1
 
-    def due_for_completion(self, quiet_seconds: float, max_wait_seconds: float, now: float) -> list[tuple[str, str]]:
-        """``(series_uid, how)`` for received series whose quiet time or maximum wait has passed."""
+    def due_for_completion(
+        self, quiet_seconds: float, max_wait_seconds: float, now: float, *, quiet_after_abort: bool = False
+    ) -> list[tuple[str, str]]:
+        """``(series_uid, how)`` for received series whose quiet time or maximum wait has passed.
+
+        The maximum wait counts from the first instance of the current generation (a series
+        re-opened by late instances starts over).  A series whose sender aborted is not
+        completed by the quiet time unless ``quiet_after_abort``: only a clean release
+        (which clears the mark) or the maximum wait ends it.
+        """
         rows = self._query(
-            "SELECT series_uid, first_at, last_at FROM series WHERE state='received'"
-            " AND (last_at <= ? OR first_at <= ?)",
+            "SELECT series_uid, COALESCE(opened_at, first_at) AS opened, last_at, sender_state FROM series"
+            " WHERE state='received' AND (last_at <= ? OR COALESCE(opened_at, first_at) <= ?)",
             (now - quiet_seconds, now - max_wait_seconds),
         )
         out: list[tuple[str, str]] = []
         for r in rows:
-            how = "max_wait" if r["first_at"] <= now - max_wait_seconds else "quiet"
-            out.append((str(r["series_uid"]), how))
+            if r["opened"] <= now - max_wait_seconds:
+                out.append((str(r["series_uid"]), "max_wait"))
+            elif quiet_after_abort or r["sender_state"] != "aborted":
+                out.append((str(r["series_uid"]), "quiet"))
         return out
+
+    def held_after_abort(self, quiet_seconds: float, now: float) -> list[SeriesRow]:
+        """Received series that are quiet but wait because their sender aborted (for logging)."""
+        rows = self._query(
+            "SELECT * FROM series WHERE state='received' AND sender_state='aborted' AND last_at <= ?",
+            (now - quiet_seconds,),
+        )
+        return [_series_row(r) for r in rows]
+
+    def set_sender_state(self, series_uids: Sequence[str], sender_state: Literal["released", "aborted"]) -> int:
+        """Record how an association that delivered these series ended; returns rows changed.
+
+        Only series still ``received`` are touched: a finished series is re-opened (and marked
+        ``open``) by its next new instance anyway.
+        """
+        if not series_uids:
+            return 0
+        marks = ",".join("?" for _ in series_uids)
+        with self._tx() as c:
+            return int(c.execute(
+                f"UPDATE series SET sender_state=? WHERE state='received' AND series_uid IN ({marks})",
+                (sender_state, *series_uids),
+            ).rowcount)
+
+    def hold_interrupted_on_startup(self) -> list[str]:
+        """After a crash/restart: a received series whose association was still open counts as aborted.
+
+        The node stopping (kill -9, power loss) dropped that connection; the sender did not
+        say it was done.  Call once at start-up before the listener opens.
+        """
+        with self._tx() as c:
+            uids = [str(r[0]) for r in c.execute(
+                "SELECT series_uid FROM series WHERE state='received' AND sender_state='open'")]
+            c.execute("UPDATE series SET sender_state='aborted' WHERE state='received' AND sender_state='open'")
+        return uids
 
     # --- pipeline ----------------------------------------------------------------------
     def claim_next_complete(self, worker: str) -> SeriesRow | None:
@@ -549,6 +663,59 @@ class Index:
             )
             for r in rows
         ]
+
+    # --- result versions ---------------------------------------------------------------
+    def report_version(
+        self, series_uid: str, model_name: str, kind: Literal["SR", "SC"], sop_instance_uid: str
+    ) -> tuple[int, ReportRecord | None]:
+        """``(version, predecessor)`` for the result object ``sop_instance_uid`` about to be built.
+
+        If that object was recorded before (a re-run of the same generation after a crash or
+        restart), its stored version and predecessor come back, so it is rebuilt identically.
+        Otherwise the predecessor is the newest object recorded for this series, model and kind
+        (any earlier generation or model version) and the version is one more than its.
+        """
+        with self._lock:
+            mine = self._conn.execute("SELECT * FROM reports WHERE sop_instance_uid=?", (sop_instance_uid,)).fetchone()
+            if mine is not None:
+                pre_uid = mine["predecessor_uid"]
+                pre = None if pre_uid is None else self._conn.execute(
+                    "SELECT * FROM reports WHERE sop_instance_uid=?", (pre_uid,)).fetchone()
+                return int(mine["version"]), None if pre is None else _report_record(pre)
+            last = self._conn.execute(
+                "SELECT * FROM reports WHERE series_uid=? AND model_name=? AND kind=?"
+                " ORDER BY version DESC, created_at DESC LIMIT 1", (series_uid, model_name, kind),
+            ).fetchone()
+        if last is None:
+            return 1, None
+        prev = _report_record(last)
+        return prev.version + 1, prev
+
+    def record_report(self, rec: ReportRecord, *, generation: int | None = None) -> bool:
+        """Remember a result object (idempotent per SOP Instance UID) before it is queued.
+
+        With ``generation`` given, refuses (returns False) when the series has moved on to a
+        newer generation meanwhile: an object computed from an outdated instance set is not sent.
+        """
+        with self._tx() as c:
+            if generation is not None:
+                cur = c.execute("SELECT generation FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
+                if cur is not None and int(cur[0]) != generation:
+                    return False
+            c.execute(
+                "INSERT OR IGNORE INTO reports (sop_instance_uid, series_uid, model_name, kind, generation, version,"
+                " study_uid, result_series_uid, sop_class_uid, predecessor_uid, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.series_uid, rec.model_name, rec.kind, rec.generation, rec.version,
+                 rec.study_uid, rec.result_series_uid, rec.sop_class_uid, rec.predecessor_uid, time.time()),
+            )
+            return True
+
+    def reports(self, series_uid: str) -> list[ReportRecord]:
+        """Every result object recorded for a series, oldest version first."""
+        rows = self._query("SELECT * FROM reports WHERE series_uid=? ORDER BY model_name, kind, version",
+                           (series_uid,))
+        return [_report_record(r) for r in rows]
 
     # --- outbox ------------------------------------------------------------------------
     def enqueue_outbox(

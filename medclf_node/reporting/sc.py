@@ -190,6 +190,7 @@ def build_sc(
     key_frame_number: int | None = None,
     orientation: tuple[str, str] | None = None,
     series_number: int = SC_SERIES_NUMBER,
+    generation: int = 0,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture key image for one model's result on one series.
 
@@ -198,9 +199,11 @@ def build_sc(
     the source has it and is not required. ``key_frame_number`` (1-based) is for a
     multi-frame source. ``orientation``: the PatientOrientation of ``key_hu`` when it is a slice
     of the reoriented volume (:func:`slice_orientation`); default: the source image's own.
+    ``generation``: the series' result generation the UIDs derive from (see :mod:`.uids`).
     """
     pixels = render_key_image(key_hu, result)
-    uids = result_uids(str(key_source.SeriesInstanceUID), result.model_name, result.model_version, "sc")
+    uids = result_uids(str(key_source.SeriesInstanceUID), result.model_name, result.model_version, "sc",
+                       generation=generation)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,

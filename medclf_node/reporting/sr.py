@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef
-from medclf_node.reporting.uids import derive_uid, device_uid, result_uids
+from medclf_node.reporting.uids import ResultVersion, derive_uid, device_uid, result_uids
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def build_sr(
     *,
     key_ref: SliceRef | None = None,
     series_number: int = SR_SERIES_NUMBER,
+    version: ResultVersion | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR for one model's result on one series.
 
@@ -166,7 +167,8 @@ def build_sr(
     slice order; the key slice is ``sources[result.key_slice_index]`` unless ``key_ref``
     names it (pass ``Volume.slice_refs[key_slice_index]``: needed when the volume was
     resampled or the source is multi-frame, where it also gives the frame number).
-    Series and SOP Instance UIDs are deterministic (see :mod:`.uids`).
+    Series and SOP Instance UIDs are deterministic (see :mod:`.uids`); ``version`` (default: the
+    first) gives the generation they derive from and the SR it replaces (Predecessor Documents).
     """
     if not sources:
         raise ValueError("build_sr needs at least one source instance as evidence")
@@ -176,7 +178,9 @@ def build_sr(
     source_series_uid = str(sources[0].SeriesInstanceUID)
     key_source = find_key_source(sources, result, key_ref)
     key_frame_number = key_ref.frame_number if key_ref is not None else None
-    uids = result_uids(source_series_uid, result.model_name, result.model_version, "sr")
+    version = version or ResultVersion()
+    uids = result_uids(source_series_uid, result.model_name, result.model_version, "sr",
+                       generation=version.generation)
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(identity),
         procedure_reported=CT_PROCEDURE,
@@ -199,6 +203,7 @@ def build_sr(
         manufacturer_model_name=identity.manufacturer,
         software_versions=identity.software_version,
         specific_character_set="ISO_IR 192",
+        previous_versions=version.predecessor_datasets() or None,
     )
     sr.StationName = identity.device_name[:16]
     log.debug("built SR %s for series %s (model %s %s)", uids.sop_instance_uid, source_series_uid,
