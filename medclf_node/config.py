@@ -148,6 +148,10 @@ class ResultsSection(_Section):
     send_sr: bool = Field(True, description="Send a TID 1500 Comprehensive 3D SR.")
     send_sc: bool = Field(True, description="Send a Secondary Capture key image.")
     institution_name: str | None = Field(None, description="Put into the result objects' InstitutionName.")
+    sr_series_number: int = Field(
+        9901, ge=0, le=2**31 - 1, description="SeriesNumber of the SR series (viewers sort series by it)."
+    )
+    sc_series_number: int = Field(9902, ge=0, le=2**31 - 1, description="SeriesNumber of the key image series.")
 
 
 class DispatchSection(_Section):

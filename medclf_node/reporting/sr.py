@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef, Volume
+from medclf_node.reporting.demographics import carried
 from medclf_node.reporting.region import ImagePoint, locate_finding
 from medclf_node.reporting.uids import ResultVersion, derive_uid, device_uid, result_uids
 
@@ -87,7 +88,7 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     The caller's dataset is left untouched (the first item becomes a new Dataset sharing its
     elements; ``Dataset.copy()`` would share the element dict itself).
     """
-    head = sources[0]
+    head = carried(sources[0])  # patient/study values valid for the SR (bad demographics never cost it)
     missing = [kw for kw in _TYPE2_HEADER if kw not in head]
     if missing:
         head = Dataset(dict(head.items()))
