@@ -1,7 +1,7 @@
 """The SR in a real viewer: OHIF Viewer 3 over Orthanc DICOMweb, in headless Chromium.
 
 The study (a phantom CT series, the node's SR and SC for it, built by the real chain in
-:mod:`viewer.study`) is stored in Orthanc; OHIF opens it, the SR display set is loaded into the
+:mod:`viewer.study`) is stored in Orthanc; OHIF opens it with the SR display set in the
 viewport, and the test checks what a radiologist sees: the key slice of the CT (not a black
 viewport), the SR's annotation on it with the probability, and no console complaint that the
 SR's measurement has no image region.  A screenshot is kept (tmp dir, and copied to
@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 from viewer.ohif import chromium_path, require_viewer, running_orthanc_dicomweb, serving_ohif
 from viewer.study import Study, make_study
@@ -71,7 +72,10 @@ def open_sr_in_ohif(study: Study, workdir: Path) -> ViewerRun:
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                page.goto(viewer.study_url(study.study_uid))
+                sr_series = str(pydicom.dcmread(study.sr_file, stop_before_pixels=True).SeriesInstanceUID)
+                # the SR as the study's first display set (double-clicking its thumbnail after the CT
+                # loaded left the annotation undrawn in about half the runs: a race inside OHIF 3.13)
+                page.goto(viewer.study_url(study.study_uid, sr_series))
                 sr_thumb = page.locator('[data-cy="study-browser-thumbnail-no-image"]')
                 sr_thumb.first.wait_for(timeout=LOAD_TIMEOUT_MS)
                 page.locator('[data-cy="viewport-pane"]').first.wait_for(timeout=LOAD_TIMEOUT_MS)
@@ -79,8 +83,7 @@ def open_sr_in_ohif(study: Study, workdir: Path) -> ViewerRun:
                 try:
                     tour.click(timeout=3_000)
                 except PlaywrightError:
-                    pass
-                sr_thumb.first.dblclick()
+                    log.info("no OHIF tour to dismiss")
                 error = None
                 try:
                     page.locator('[data-cy="viewport-pane"] svg text', has_text="Probability").first.wait_for(
@@ -92,6 +95,7 @@ def open_sr_in_ohif(study: Study, workdir: Path) -> ViewerRun:
                 text = page.locator('[data-cy="viewport-grid"]').first.inner_text()
             finally:
                 browser.close()
+    (workdir / "console.txt").write_text("\n".join(console), encoding="utf-8")
     return ViewerRun(text, console, shot, error)
 
 

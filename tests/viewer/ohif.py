@@ -264,8 +264,10 @@ class Viewer:
 
     url: str
 
-    def study_url(self, study_uid: str) -> str:
-        return f"{self.url}/viewer?StudyInstanceUIDs={study_uid}"
+    def study_url(self, study_uid: str, series_uid: str | None = None) -> str:
+        """The viewer on one study; ``series_uid``: the series OHIF shows first."""
+        url = f"{self.url}/viewer?StudyInstanceUIDs={study_uid}"
+        return f"{url}&initialSeriesInstanceUID={series_uid}" if series_uid else url
 
 
 @contextmanager
@@ -325,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
             for study in orthanc.get_json("/studies?expand"):
                 tags = study.get("MainDicomTags", {})
                 name = study.get("PatientMainDicomTags", {}).get("PatientName", "")
-                print(f"  {name} {tags.get('StudyDate', '')}: {viewer.study_url(tags['StudyInstanceUID'])}")
+                srs = [se["MainDicomTags"].get("SeriesInstanceUID") for se in orthanc.get_json(
+                    f"/studies/{study['ID']}/series?expand") if se["MainDicomTags"].get("Modality") == "SR"]
+                # open on the SR (the last listed): loading it later from the study browser can leave its
+                # annotation undrawn (a race in OHIF 3.13)
+                url = viewer.study_url(tags["StudyInstanceUID"], srs[-1] if srs else None)
+                print(f"  {name} {tags.get('StudyDate', '')}: {url}")
             print("Ctrl-C stops viewer and Orthanc", flush=True)
             try:
                 stop.wait()
