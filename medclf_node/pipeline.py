@@ -262,7 +262,7 @@ class Pipeline:
         if self.cfg.results.send_sr:
             v = self._version(row, result, "SR")
             objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref, version=v,
-                                           series_number=self.cfg.results.sr_series_number), v))
+                                           series_number=self.cfg.results.sr_series_number, volume=volume), v))
         if self.cfg.results.send_sc:
             key_source = sources[position[key_ref.sop_instance_uid]]
             key_hu = volume.array[result.key_slice_index]
