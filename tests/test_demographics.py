@@ -199,3 +199,14 @@ def test_shorten_at_word_boundary() -> None:
         "AI result \u2014 not for primary diagnosis key image")
     assert shorten("x" * 80, 64) == "x" * 64  # one long word: cut inside
     assert len(shorten("ü" * 40, 64).encode()) <= 64
+
+
+def test_sr_series_description_is_shortened_at_a_word_boundary() -> None:
+    from dataclasses import replace
+
+    from medclf_node.reporting.sr import series_description
+
+    long_model = replace(model_result(), model_name="chest-ct-nodule-classifier-int8")
+    text = series_description(long_model)
+    assert len(text.encode()) <= 64 and "(" not in text  # the model name is dropped whole, not cut mid-word
+    assert series_description(model_result()).endswith(f"({model_result().model_name})")

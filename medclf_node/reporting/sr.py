@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef, Volume
-from medclf_node.reporting.demographics import carried
+from medclf_node.reporting.demographics import carried, shorten
 from medclf_node.reporting.region import ImagePoint, locate_finding
 from medclf_node.reporting.uids import ResultVersion, derive_uid, device_uid, result_uids
 
@@ -55,8 +55,9 @@ def fit_bytes(text: str, limit: int = 64) -> str:
 
 
 def series_description(result: ModelResult, kind: str = "") -> str:
-    """A result series' description (LO, at most 64 bytes), carrying the disclaimer."""
-    return fit_bytes(f"{DISCLAIMER}{kind} ({result.model_name})")
+    """A result series' description (LO, at most 64 bytes), carrying the disclaimer; shortened at a
+    word boundary (a model name that does not fit is dropped whole, never cut mid-word)."""
+    return shorten(f"{DISCLAIMER}{kind} ({result.model_name})", 64)
 
 
 def find_key_source(sources: Sequence[Dataset], result: ModelResult, key_ref: SliceRef | None) -> Dataset:
