@@ -30,6 +30,8 @@ import pytest
 from viewer.ohif import chromium_path, require_viewer, running_orthanc_dicomweb, serving_ohif
 from viewer.study import Study, make_study
 
+from medclf_node.reporting.sr import format_probability
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +117,8 @@ def check_sr_displayed(study: Study, run: ViewerRun) -> None:
     assert run.error is None, f"{run.error}; console: {bad or run.console[-15:]}"
     r = study.result
     for expected in (f"Probability: {r.probability:.2f}",
-                     f"{r.finding.meaning}: {'present' if r.probability >= r.threshold else 'absent'}"):
+                     f"{r.finding.meaning}: {'present' if r.probability >= r.threshold else 'absent'}",
+                     f"p = {format_probability(r.probability)}"):  # the precision OHIF's 2 decimals lose
         assert expected in run.viewport_text, f"{expected!r} not in viewport text {run.viewport_text!r}"
     # the key slice of the CT is displayed (OHIF counts instances 1-based in the series' order)
     k = study.result.key_slice_index

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from medclf_node.domain import ModelResult, NodeIdentity, Volume
 from medclf_node.reporting.demographics import carried, shorten
-from medclf_node.reporting.sr import DISCLAIMER, fit_bytes
+from medclf_node.reporting.sr import DISCLAIMER, fit_bytes, format_probability
 from medclf_node.reporting.uids import result_uids
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,6 @@ def _fit_heatmap(heatmap: FloatArray, shape: tuple[int, int]) -> npt.NDArray[np.
         img = Image.fromarray(h, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
         h = np.asarray(img, dtype=np.float32)
     return np.clip(np.nan_to_num(h.astype(np.float64)), 0.0, 1.0)
-
-
-def format_probability(p: float) -> str:
-    """A probability with the precision a model's output has: three decimals, bounded at the ends.
-
-    0.996 stays "0.996" (two decimals printed it as "1.00", which reads as certainty); values
-    that round to 0 or 1 at three decimals are "< 0.001" / "> 0.999", never "0.000" / "1.000".
-    """
-    v = float(p)
-    if v != v:  # NaN
-        return "n/a"
-    if v >= 0.9995:
-        return "> 0.999"
-    if v < 0.0005:
-        return "< 0.001"
-    return f"{v:.3f}"
 
 
 def sc_series_description(result: ModelResult) -> str:

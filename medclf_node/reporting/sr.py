@@ -54,6 +54,22 @@ def fit_bytes(text: str, limit: int = 64) -> str:
     return data.decode("utf-8", errors="ignore")
 
 
+def format_probability(p: float) -> str:
+    """A probability with the precision a model's output has: three decimals, bounded at the ends.
+
+    0.996 stays "0.996" (two decimals printed it as "1.00", which reads as certainty); values
+    that round to 0 or 1 at three decimals are "< 0.001" / "> 0.999", never "0.000" / "1.000".
+    """
+    v = float(p)
+    if v != v:  # NaN
+        return "n/a"
+    if v >= 0.9995:
+        return "> 0.999"
+    if v < 0.0005:
+        return "< 0.001"
+    return f"{v:.3f}"
+
+
 def series_description(result: ModelResult, kind: str = "") -> str:
     """A result series' description (LO, at most 64 bytes), carrying the disclaimer; shortened at a
     word boundary (a model name that does not fit is dropped whole, never cut mid-word)."""
@@ -165,10 +181,12 @@ def _measurement_group(
     )
     # The coded evaluation in words, as a Comment (TID 1501 is extensible): OHIF labels a
     # measurement with its NUMs and its Comments only, so without it the viewer would show a
-    # probability without saying of what.
+    # probability without saying of what. The probability is repeated here at the precision it has:
+    # OHIF prints the NUM at two decimals (0.996 as "1.00", which reads as certainty).
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=COMMENT,
-        value=f"{result.finding.meaning}: {'present' if present else 'absent'} (AI result)",
+        value=f"{result.finding.meaning}: {'present' if present else 'absent'} "
+              f"(AI result, p = {format_probability(result.probability)})",
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     ))
     return group
