@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthanc import Orthanc, OrthancError, _alive, _stop, orthanc_config, orthanc_unavailable_reason
+from orthanc import Orthanc, OrthancError, _alive, _stop, orthanc_config, orthanc_unavailable_reason, skip_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,7 @@ def viewer_unavailable_reason() -> str | None:
 
 def require_viewer() -> None:
     """Skip (or, with MEDCLF_REQUIRE_VIEWER=1, fail) unless the viewer test can run here."""
-    import pytest
-
-    reason = viewer_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
-    pytest.skip(reason)
+    skip_or_fail(viewer_unavailable_reason(), REQUIRE_ENV)
 
 
 # --- Orthanc with DICOMweb ----------------------------------------------------------------------
