@@ -210,3 +210,21 @@ def test_sr_series_description_is_shortened_at_a_word_boundary() -> None:
     text = series_description(long_model)
     assert len(text.encode()) <= 64 and "(" not in text  # the model name is dropped whole, not cut mid-word
     assert series_description(model_result()).endswith(f"({model_result().model_name})")
+
+
+def test_an_element_with_a_vr_the_standard_does_not_allow_is_carried_empty(tmp_path: Path) -> None:
+    """Found by the fuzz test: ManufacturerModelName written as US reached the SR's Contributing Equipment
+    (highdicom copies it from the first evidence image) and the SR could not be written (internal_error)."""
+    sources = ct_series()
+    for ds in sources:
+        ds.add(DataElement(0x00081090, "US", 513))  # ManufacturerModelName, LO by the standard
+        ds.add(DataElement(0x00081030, "UL", 7))  # StudyDescription, LO by the standard
+    sources = _written(sources, tmp_path / "src")
+    c = carried(sources[0])
+    assert (c["ManufacturerModelName"].VR, c.ManufacturerModelName) == ("LO", "")
+    assert (c["StudyDescription"].VR, c.StudyDescription) == ("LO", "")
+    sr = build_sr(sources, model_result(), IDENTITY)
+    sc = build_sc(sources[KEY], key_hu(), model_result(), IDENTITY)
+    for name, obj in (("sr", sr), ("sc", sc)):
+        errors, _ = _dciodvfy(obj, tmp_path / f"{name}.dcm")  # written at all, and valid
+        assert errors == [], (name, errors)

@@ -265,6 +265,17 @@ def _clean_element(elem: DataElement | RawDataElement, vr: str, encodings: list[
     return DataElement(tag, vr, value)
 
 
+def _dictionary_vr(tag: int) -> str | None:
+    """The one VR the standard gives a public tag, else None (private, unknown or ambiguous)."""
+    if BaseTag(tag).is_private:
+        return None
+    try:
+        vr = str(dictionary_VR(tag))
+    except KeyError:
+        return None
+    return None if " or " in vr else vr
+
+
 def _vr_of(elem: DataElement | RawDataElement) -> str | None:
     vr = elem.VR
     if vr is None or vr in ("UN", "OB or OW", "US or SS"):
@@ -308,6 +319,14 @@ def carried(source: Dataset, _encodings_in: list[str] | None = None) -> Dataset:
         if elem is None or tag == 0x00080005:
             continue
         vr = _vr_of(elem)
+        expected = _dictionary_vr(tag)
+        if expected is not None and vr is not None and vr != expected and expected in TEXT_VRS | {"SQ"}:
+            # a VR the standard does not allow for this tag (a broken writer): its value cannot be trusted
+            # or written as the text the result objects expect; carried empty, named by keyword only
+            log.warning("%s has VR %s where the standard says %s; carried empty", keyword_for_tag(tag) or tag,
+                        vr, expected)
+            out.add(DataElement(tag, expected, DicomSequence([]) if expected == "SQ" else ""))
+            continue
         if vr == "SQ":
             items = source[tag].value
             out.add(DataElement(tag, "SQ", DicomSequence([carried(i, encodings) for i in items])))
