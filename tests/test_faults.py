@@ -124,7 +124,9 @@ def _result_node(node_factory: Callable[..., RunningNode], models: Path, pacs_po
         models={"directory": str(models)},
         rules=[{"name": "ct", "models": ["test-2p5d-int8"], "min_slices": 3}],
         pipeline={"enabled": True, "poll_seconds": 0.2},
-        completion={"on_release": True, "quiet_seconds": 2.0},
+        # release completes a series; the quiet timer is only the fallback. At 2 s a sender stalled on a loaded
+        # machine had a partial series completed mid-association, and its rest then (correctly) made a 2nd version
+        completion={"on_release": True, "quiet_seconds": 15.0},
         dispatch={"initial_backoff_seconds": 0.2, "max_backoff_seconds": 1.0, "max_attempts": 100,
                   "timeout_seconds": 5.0},
         audit={"fsync": False},
