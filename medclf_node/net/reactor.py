@@ -67,6 +67,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from medclf_node.net import part10
 from medclf_node.net.fast_store import StoreRequest, decode_store_request, split_pdvs, store_response_pdu
 from medclf_node.net.store_rsp import FastStoreResponseDIMSE
+from medclf_node.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class WakeableDUL(DULServiceProvider):
             pdu, event = self._decode_pdu(bytearray(header) + body)
             self.event_queue.put(event)
         except Exception as exc:  # noqa: BLE001 - as pynetdicom: undecodable PDU -> Evt19
-            log.error("Unable to decode the received PDU data: %s", exc)
+            log.error("Unable to decode the received PDU data: %s", scrub(str(exc)))
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
@@ -442,7 +443,7 @@ class WakeableDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                log.error("exception in the DUL reactor, aborting association: %s", exc)
+                log.error("exception in the DUL reactor, aborting association: %s", scrub(str(exc)))
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
