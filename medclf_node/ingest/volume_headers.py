@@ -59,6 +59,7 @@ ERROR_CODES = (
     "no_pixels",  # an instance without Pixel Data
     "unsupported_pixels",  # colour or other non-greyscale images
     "decode_failed",  # truncated or undecodable pixel data
+    "codec_mismatch",  # a compressed frame's own header disagrees with Rows/Columns/Samples/BitsAllocated
     "too_few_slices",  # fewer distinct positions than volume.min_slices
     "too_large",  # Rows x Columns (x frames) over [limits]; checked from headers before decoding
 )
