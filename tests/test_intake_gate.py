@@ -235,3 +235,65 @@ def test_slots_count_caps_and_release_once() -> None:
     assert slots.running == 2
     assert isinstance(slots.acquire("h1", "C"), Ticket)
     assert slots.acquire("h4", "E") == TOTAL_LIMIT
+
+
+# --- in process: stop, and one connection's surprise ------------------------------------------------
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Any]:
+    from medclf_node.config import parse_config
+    from medclf_node.ingest.index import Index
+    from medclf_node.ingest.spool import Spool
+    from medclf_node.net.scp import StoreSCP
+
+    cfg = parse_config({"node": {"ae_title": NODE_AE, "port": 0, "data_dir": str(tmp_path / "d")},
+                        "accept": {"calling_ae_titles": [SENDER_AE]}})
+    index = Index(tmp_path / "d")
+    node = StoreSCP(cfg, Spool(tmp_path / "d", index, durable=False))
+    node.start()
+    yield node
+    node.stop()
+    index.close()
+
+
+def test_stop_closes_waiting_connections_at_once(scp: Any) -> None:
+    socks = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(20)]
+    try:
+        deadline = time.monotonic() + 5
+        while scp.gate.pending < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scp.gate.pending == 20
+        t0 = time.monotonic()
+        scp.stop()
+        assert time.monotonic() - t0 < 3
+        assert all(_closed_by_peer(s, 2) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+    scp.start()  # and it serves again after a restart
+    assoc = _associate(scp.port)
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_an_unexpected_error_on_one_connection_does_not_stop_the_gate(
+    scp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medclf_node.net import gate
+
+    real = gate.AssociationGate._start
+    calls = {"n": 0}
+
+    def flaky(self: Any, sel: Any, conn: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("surprise")
+        real(self, sel, conn)
+
+    monkeypatch.setattr(gate.AssociationGate, "_start", flaky)
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=5) as s:
+        s.sendall(RQ)
+        assert _closed_by_peer(s, 5)
+    assert scp.gate.outcomes["error"] == 1
+    assoc = _associate(scp.port)
+    assert assoc.is_established, "the next connection is served"
+    assoc.release()

@@ -10,10 +10,11 @@ and hands socket plus PDU bytes to the association's thread.  Anything else ends
 
 * closed before a complete A-ASSOCIATE-RQ (EOF): closed at once;
 * no A-ASSOCIATE-RQ within ``artim_seconds``: closed (PS3.8 ARTIM expiry in Sta2, AA-2);
-* another PDU type, or a length outside [68, ``max_rq_bytes``]: A-ABORT, closed (AA-1);
+* another PDU type, or a length outside [68, ``max_rq_bytes``]: A-ABORT (AA-1), then closed when
+  the peer closes or after :data:`CLOSE_WAIT` (Sta13), whichever comes first;
 * more than ``max_pending`` waiting connections: the oldest of the host with the most waiting
   connections is closed, so a flood from one host cannot keep another host's sender out;
-* a cap reached: A-ASSOCIATE-RJ (2, 3, 2) "local limit exceeded" (transient), closed.
+* a cap reached: A-ASSOCIATE-RJ (2, 3, 2) "local limit exceeded" (transient), closed as after an A-ABORT.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ REJECT_LIMIT_PDU = bytes((0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02))
 ABORT_PDU = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x02))
 #: longest selector wait when nothing happens (ARTIM expiry is noticed at most this late)
 TICK = 0.25
+#: after an A-ABORT or A-ASSOCIATE-RJ, how long the peer gets to close first (PS3.8 Sta13; closing
+#: at once with the peer's bytes unread makes the kernel send a reset, which can destroy the answer)
+CLOSE_WAIT = 2.0
+#: an A-ASSOCIATE-RJ for a cap goes out this much later: a peer retrying in a loop is slowed down, and
+#: pynetdicom requestors see the rejection (answered within microseconds, pynetdicom 3.0.4's requestor
+#: can find its socket closed before it looks for the answer and reports an abort instead)
+REFUSE_DELAY = 0.1
 
 #: ``handoff(sock, address, rq_pdu, ticket)``: start the association (blocking socket, PDU already read)
 Handoff = Callable[[socket.socket, Any, bytes, Ticket], None]
@@ -62,6 +70,8 @@ class _Pending:
     buf: bytearray = field(default_factory=bytearray)
     need: int = 6
     writing: bool = False  # TLS handshake wants to write: watch for writability
+    closing: bool = False  # answered (A-ABORT / A-ASSOCIATE-RJ): waiting for the peer to close (Sta13)
+    refusal: tuple[bytes, str] | None = None  # (PDU, outcome) to answer at ``deadline``
 
 
 class AssociationGate:
@@ -153,10 +163,11 @@ class AssociationGate:
                     if key.fileobj is self._wake_r:
                         self._drain()
                         self._admit(sel)
-                    else:
-                        conn = self._pending.get(key.fileobj)  # type: ignore[call-overload]
-                        if conn is not None:
-                            self._advance(sel, conn)
+                        continue
+                    conn = self._pending.get(key.fileobj)  # type: ignore[call-overload]
+                    if conn is None:
+                        continue
+                    self._advance_safely(sel, conn)
                 self._expire(sel)
         except Exception:  # noqa: BLE001 - the gate must not die silently: new connections would hang
             log.exception("association gate failed; closing its waiting connections")
@@ -200,7 +211,7 @@ class AssociationGate:
                             handshaking=isinstance(sock, ssl.SSLSocket))
             self._pending[sock] = conn
             self._hosts[host] += 1
-            self._advance(sel, conn)  # a TLS server may speak first; data may already be there
+            self._advance_safely(sel, conn)  # a TLS server may speak first; data may already be there
 
     def _evict(self, sel: selectors.BaseSelector) -> None:
         """Make room: the oldest waiting connection of the host with the most of them goes."""
@@ -211,16 +222,50 @@ class AssociationGate:
     def _expire(self, sel: selectors.BaseSelector) -> None:
         now = time.monotonic()
         for conn in [p for p in self._pending.values() if p.deadline <= now]:
-            self._drop(sel, conn, "artim_expired")
+            if conn.refusal is not None:
+                pdu, outcome = conn.refusal
+                conn.refusal = None
+                self._answer(sel, conn, pdu, outcome)
+            else:
+                self._drop(sel, conn, None if conn.closing else "artim_expired")
 
-    def _drop(self, sel: selectors.BaseSelector, conn: _Pending, outcome: str, pdu: bytes | None = None) -> None:
+    def _drop(self, sel: selectors.BaseSelector, conn: _Pending, outcome: str | None) -> None:
         self._forget(sel, conn)
-        if pdu is not None:
-            _answer_and_close(conn.sock, pdu)
-        else:
-            _close(conn.sock)
+        _close(conn.sock)
+        if outcome is not None:
+            self.outcomes[outcome] += 1
+            log.debug("connection from %s closed before association: %s", conn.host, outcome)
+
+    def _answer(self, sel: selectors.BaseSelector, conn: _Pending, pdu: bytes, outcome: str) -> None:
+        """Send ``pdu`` (never blocks), half-close, and wait up to CLOSE_WAIT for the peer to close."""
         self.outcomes[outcome] += 1
-        log.debug("connection from %s closed before association: %s", conn.host, outcome)
+        log.debug("connection from %s answered before association: %s", conn.host, outcome)
+        try:
+            conn.sock.send(pdu)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):  # the peer is gone: nothing to wait for
+            self._drop(sel, conn, None)
+            return
+        conn.closing, conn.writing = True, False
+        conn.deadline = time.monotonic() + CLOSE_WAIT
+        try:
+            sel.modify(conn.sock, selectors.EVENT_READ)
+        except (KeyError, ValueError, OSError):
+            self._drop(sel, conn, None)
+
+    def _discard(self, sel: selectors.BaseSelector, conn: _Pending) -> None:
+        """Sta13: read and drop what the peer still sends; close on its EOF."""
+        try:
+            for _ in range(16):
+                if not conn.sock.recv(65536):
+                    break
+            else:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError):
+            pass
+        self._drop(sel, conn, None)
 
     def _forget(self, sel: selectors.BaseSelector, conn: _Pending) -> None:
         if self._pending.pop(conn.sock, None) is None:
@@ -233,8 +278,18 @@ class AssociationGate:
         except (KeyError, ValueError, OSError):
             pass
 
+    def _advance_safely(self, sel: selectors.BaseSelector, conn: _Pending) -> None:
+        try:
+            self._advance(sel, conn)
+        except Exception:  # noqa: BLE001 - one connection's surprise must not stop the gate
+            log.exception("association gate: unexpected error on a connection from %s", conn.host)
+            self._drop(sel, conn, "error")
+
     def _advance(self, sel: selectors.BaseSelector, conn: _Pending) -> None:
         """Read what is there (handshake first); hand off or drop when the outcome is known."""
+        if conn.closing or conn.refusal is not None:
+            self._discard(sel, conn)
+            return
         sock = conn.sock
         try:
             if conn.handshaking:
@@ -253,7 +308,7 @@ class AssociationGate:
                 if conn.need == 6 and len(conn.buf) == 6:
                     pdu_type, _, length = _HEADER.unpack(conn.buf)
                     if pdu_type != A_ASSOCIATE_RQ or not MIN_RQ_LENGTH - 6 <= length <= self.max_rq_bytes - 6:
-                        self._drop(sel, conn, "not_associate_rq", ABORT_PDU)
+                        self._answer(sel, conn, ABORT_PDU, "not_associate_rq")
                         return
                     conn.need = 6 + length
         except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
@@ -270,18 +325,17 @@ class AssociationGate:
             else:
                 self._drop(sel, conn, "closed")
             return
-        self._forget(sel, conn)
-        self._start(conn)
+        self._start(sel, conn)
 
-    def _start(self, conn: _Pending) -> None:
+    def _start(self, sel: selectors.BaseSelector, conn: _Pending) -> None:
         """A complete A-ASSOCIATE-RQ: take a slot and hand off, or refuse with A-ASSOCIATE-RJ."""
         rq = bytes(conn.buf)
         called = rq[10:26].decode("latin-1").strip(" \x00")
         calling = rq[26:42].decode("latin-1").strip(" \x00")
         ticket = self.slots.acquire(conn.host, calling)
         if isinstance(ticket, str):
-            _answer_and_close(conn.sock, REJECT_LIMIT_PDU)
-            self.outcomes[ticket] += 1
+            conn.refusal = (REJECT_LIMIT_PDU, ticket)
+            conn.deadline = time.monotonic() + REFUSE_DELAY
             log.info("association from %s refused: %s", conn.host, ticket)
             if self._refused is not None:
                 try:
@@ -289,6 +343,7 @@ class AssociationGate:
                 except queue.Full:
                     self.outcomes["refusal_not_recorded"] += 1
             return
+        self._forget(sel, conn)
         self.outcomes["handed_off"] += 1
         try:
             conn.sock.setblocking(True)
@@ -305,19 +360,3 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
 
-
-def _answer_and_close(sock: socket.socket, pdu: bytes) -> None:
-    """Send ``pdu`` (best effort, never blocks) and close.
-
-    What the peer sent and we did not read is discarded first: closing with unread bytes makes
-    the kernel answer with a reset, and the peer may lose our answer with it.
-    """
-    try:
-        sock.send(pdu)
-        sock.shutdown(socket.SHUT_WR)
-        for _ in range(16):
-            if not sock.recv(65536):
-                break
-    except (OSError, ValueError):  # nothing more to read (EAGAIN), the peer is gone, TLS not readable
-        pass
-    _close(sock)
