@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,12 @@ def test_probes_and_garbage_do_not_lock_senders_out(node_factory: Callable[..., 
         t0 = time.monotonic()
         assert _read_pdu(s)[:1] == b"\x07"
         assert time.monotonic() - t0 < 1
+    port = int((node.data_dir / "metrics.port").read_text())
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    counts = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("medclf_gate_connections_total{")}
+    assert counts.get("closed", 0) >= 60 and counts.get("not_associate_rq", 0) >= 11, counts
+    assert counts.get("handed_off", 0) >= 2, counts
 
 
 @needs_dcmtk

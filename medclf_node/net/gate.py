@@ -58,6 +58,10 @@ REFUSE_DELAY = 0.1
 Handoff = Callable[[socket.socket, Any, bytes, Ticket], None]
 #: ``refused(address, calling_ae, called_ae, code)``: a cap refused an A-ASSOCIATE-RQ (for metrics/audit)
 Refused = Callable[[Any, str, str, str], None]
+#: what became of a connection in the gate: handed_off, closed, not_associate_rq, artim_expired, evicted,
+#: tls_failed, error, stopped, or a refusal code of :mod:`medclf_node.net.slots`
+OUTCOMES = ("handed_off", "closed", "not_associate_rq", "artim_expired", "evicted", "tls_failed", "error",
+            "stopped", "refusal_not_recorded")
 
 
 @dataclass(eq=False)
@@ -86,10 +90,12 @@ class AssociationGate:
         max_pending: int,
         max_rq_bytes: int,
         refused: Refused | None = None,
+        counted: Callable[[str], None] | None = None,
     ) -> None:
         self.slots = slots
         self._handoff = handoff
         self._refused = refused
+        self._counted = counted
         self.artim_seconds = artim_seconds
         self.max_pending = max_pending
         self.max_rq_bytes = max_rq_bytes
@@ -145,6 +151,14 @@ class AssociationGate:
     def pending(self) -> int:
         return len(self._pending)
 
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if self._counted is not None:
+            try:
+                self._counted(outcome)
+            except Exception:  # metrics are best effort
+                log.exception("counting a gate outcome failed")
+
     def _poke(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -157,24 +171,29 @@ class AssociationGate:
         sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                wait = min((p.deadline for p in self._pending.values()), default=now + TICK) - now
-                for key, _ in sel.select(min(max(wait, 0.0), TICK)):
-                    if key.fileobj is self._wake_r:
-                        self._drain()
-                        self._admit(sel)
-                        continue
-                    conn = self._pending.get(key.fileobj)  # type: ignore[call-overload]
-                    if conn is None:
-                        continue
-                    self._advance_safely(sel, conn)
-                self._expire(sel)
-        except Exception:  # noqa: BLE001 - the gate must not die silently: new connections would hang
-            log.exception("association gate failed; closing its waiting connections")
+                try:
+                    self._pass(sel)
+                except Exception:  # noqa: BLE001 - the gate must not die: new connections would hang
+                    log.exception("association gate: unexpected error; carrying on")
+                    time.sleep(TICK)
         finally:
             for conn in list(self._pending.values()):
                 self._drop(sel, conn, "stopped")
             sel.close()
+
+    def _pass(self, sel: selectors.BaseSelector) -> None:
+        """One wait for readiness (at most until the next deadline), then what became due."""
+        now = time.monotonic()
+        wait = min((p.deadline for p in self._pending.values()), default=now + TICK) - now
+        for key, _ in sel.select(min(max(wait, 0.0), TICK)):
+            if key.fileobj is self._wake_r:
+                self._drain()
+                self._admit(sel)
+                continue
+            conn = self._pending.get(key.fileobj)  # type: ignore[call-overload]
+            if conn is not None:
+                self._advance_safely(sel, conn)
+        self._expire(sel)
 
     def _record_refusals(self) -> None:
         assert self._refused is not None
@@ -205,7 +224,7 @@ class AssociationGate:
                 sel.register(sock, selectors.EVENT_READ)
             except (OSError, ValueError):
                 _close(sock)
-                self.outcomes["closed"] += 1
+                self._count("closed")
                 continue
             conn = _Pending(sock, address, host, time.monotonic() + self.artim_seconds,
                             handshaking=isinstance(sock, ssl.SSLSocket))
@@ -233,12 +252,12 @@ class AssociationGate:
         self._forget(sel, conn)
         _close(conn.sock)
         if outcome is not None:
-            self.outcomes[outcome] += 1
+            self._count(outcome)
             log.debug("connection from %s closed before association: %s", conn.host, outcome)
 
     def _answer(self, sel: selectors.BaseSelector, conn: _Pending, pdu: bytes, outcome: str) -> None:
         """Send ``pdu`` (never blocks), half-close, and wait up to CLOSE_WAIT for the peer to close."""
-        self.outcomes[outcome] += 1
+        self._count(outcome)
         log.debug("connection from %s answered before association: %s", conn.host, outcome)
         try:
             conn.sock.send(pdu)
@@ -341,10 +360,10 @@ class AssociationGate:
                 try:
                     self._refusals.put_nowait((conn.address, calling, called, ticket))
                 except queue.Full:
-                    self.outcomes["refusal_not_recorded"] += 1
+                    self._count("refusal_not_recorded")
             return
         self._forget(sel, conn)
-        self.outcomes["handed_off"] += 1
+        self._count("handed_off")
         try:
             conn.sock.setblocking(True)
             self._handoff(conn.sock, conn.address, rq, ticket)

@@ -296,8 +296,11 @@ class StoreSCP:
             slots, server.start_association,
             artim_seconds=min(limits.artim_timeout_seconds, limits.idle_timeout_seconds),
             max_pending=limits.max_pending_connections, max_rq_bytes=limits.max_associate_rq_bytes,
-            refused=self._on_refused,
+            refused=self._on_refused, counted=self._on_gate_outcome,
         )
+
+    def _on_gate_outcome(self, outcome: str) -> None:
+        self.telemetry.metrics.gate_connections.labels(outcome=outcome).inc()
 
     @property
     def gate(self) -> AssociationGate | None:
