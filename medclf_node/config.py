@@ -64,6 +64,13 @@ class NodeSection(_Section):
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
 
+def _check_destination_name(kind: str, v: str) -> str:
+    """Peer and folder names share one namespace (results.destinations) with the word "sender"."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v == "sender":
+        raise ValueError(f'a {kind} name is 1-64 of A-Z a-z 0-9 _ . - and may not be "sender"')
+    return v
+
+
 class PeerSection(_Section):
     name: str = Field(description="Name used to refer to this peer elsewhere in the config.")
     ae_title: AETitle = Field(description="The peer's AE title.")
@@ -73,12 +80,7 @@ class PeerSection(_Section):
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v == "sender":
-            raise ValueError('a peer name is 1-64 of A-Z a-z 0-9 _ . - and may not be "sender"')
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_destination_name("peer", v)))
 
 
 class FolderSection(_Section):
@@ -88,12 +90,7 @@ class FolderSection(_Section):
     path: Path = Field(description="Directory the result objects are written to; relative to the config file.")
     png: bool = Field(True, description="Also write each Secondary Capture key image as a PNG beside it.")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v) or v == "sender":
-            raise ValueError('a folder name is 1-64 of A-Z a-z 0-9 _ . - and may not be "sender"')
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_destination_name("folder", v)))
 
 
 class AcceptSection(_Section):
@@ -148,6 +145,10 @@ class ResultsSection(_Section):
     send_sr: bool = Field(True, description="Send a TID 1500 Comprehensive 3D SR.")
     send_sc: bool = Field(True, description="Send a Secondary Capture key image.")
     institution_name: str | None = Field(None, description="Put into the result objects' InstitutionName.")
+    sr_series_number: int = Field(
+        9901, ge=0, le=2**31 - 1, description="SeriesNumber of the SR series (viewers sort series by it)."
+    )
+    sc_series_number: int = Field(9902, ge=0, le=2**31 - 1, description="SeriesNumber of the key image series.")
 
 
 class DispatchSection(_Section):

@@ -44,7 +44,7 @@ from medclf_node.ingest.selection import Header, Selection, Skipped, header_from
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
 from medclf_node.redact import scrub
-from medclf_node.reporting import build_sc, build_sr, result_uids, slice_orientation
+from medclf_node.reporting import build_sc, build_sr, result_uids, slice_info_from_volume, slice_orientation
 from medclf_node.reporting.uids import Predecessor, ResultVersion, label_version
 from medclf_node.telemetry import Telemetry
 
@@ -263,14 +263,17 @@ class Pipeline:
         objects: list[tuple[str, Dataset, ResultVersion]] = []
         if self.cfg.results.send_sr:
             v = self._version(row, result, "SR")
-            objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref, version=v), v))
+            objects.append(("SR", build_sr(sources, result, self.identity, key_ref=key_ref, version=v,
+                                           series_number=self.cfg.results.sr_series_number, volume=volume), v))
         if self.cfg.results.send_sc:
             key_source = sources[position[key_ref.sop_instance_uid]]
             key_hu = volume.array[result.key_slice_index]
             v = self._version(row, result, "SC")
             objects.append(
                 ("SC", build_sc(key_source, key_hu, result, self.identity, key_frame_number=key_ref.frame_number,
-                                orientation=slice_orientation(volume.affine), generation=v.generation), v)
+                                orientation=slice_orientation(volume.affine), generation=v.generation,
+                                series_number=self.cfg.results.sc_series_number,
+                                slice_info=slice_info_from_volume(volume, result.key_slice_index)), v)
             )
         folder = self.outbox_dir / row.series_uid
         folder.mkdir(parents=True, exist_ok=True)

@@ -58,14 +58,18 @@ def orthanc_unavailable_reason() -> str | None:
     return None
 
 
-def require_orthanc() -> None:
-    """Skip (or, with MEDCLF_REQUIRE_ORTHANC=1, fail) unless Orthanc may be started here."""
-    reason = orthanc_unavailable_reason()
+def skip_or_fail(reason: str | None, require_env: str) -> None:
+    """Nothing when ``reason`` is None; else skip, or fail where ``require_env``=1 (CI must not skip)."""
     if reason is None:
         return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
+    if os.environ.get(require_env) == "1":
+        pytest.fail(f"{require_env}=1 but {reason}")
     pytest.skip(reason)
+
+
+def require_orthanc() -> None:
+    """Skip (or, with MEDCLF_REQUIRE_ORTHANC=1, fail) unless Orthanc may be started here."""
+    skip_or_fail(orthanc_unavailable_reason(), REQUIRE_ENV)
 
 
 def orthanc_config(

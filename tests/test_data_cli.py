@@ -6,26 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_experiment import CONVERT_SAMPLES, PREPROCESS_25D
 
 from training.cli import main
 from training.data.splits import Splits
 
 CONFIG = """
 name = "tiny"   # tables other commands use are ignored by convert
-
-[preprocess]
-mode = "2.5d"
-input_shape = [32, 32]
-context_slices = 1
-target_spacing = [6.0, 9.0, 9.0]
-resample_z = true
-windows = [{center = -600, width = 1500}]
-
-[convert]
-shards = 2
-[convert.samples]
-negative_slice_stride = 2
-"""
+""" + PREPROCESS_25D + CONVERT_SAMPLES
 
 
 def test_synth_convert_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

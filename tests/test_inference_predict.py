@@ -42,10 +42,11 @@ def _check_localisation(res: ModelResult, nod: tuple[float, float, float, float]
     nz, ny, nx, r = nod
     assert abs((res.key_slice_index + 0.5) * sp[0] - nz) <= z_tol_mm
     assert res.heatmap is not None and res.heatmap.shape == shape[1:] and res.heatmap.dtype == np.float32
-    assert float(res.heatmap.min()) >= 0.0 and float(res.heatmap.max()) == pytest.approx(1.0)
+    # absolute scale (drop in probability when occluded), not normalised per image
+    assert float(res.heatmap.min()) >= 0.0 and 0.0 < float(res.heatmap.max()) <= res.probability + 1e-6
     py, px = np.unravel_index(int(np.argmax(res.heatmap)), res.heatmap.shape)
     dist = np.hypot((py + 0.5) * sp[1] - ny, (px + 0.5) * sp[2] - nx)
-    assert dist <= r + 25.0, (dist, r)  # within one occlusion cell of the nodule
+    assert dist <= r, (dist, r)  # on the nodule (two-stage occlusion: no longer a coarse cell centre)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

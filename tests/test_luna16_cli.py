@@ -9,22 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_experiment import CONVERT, PREPROCESS_25D
 
 from training.cli import main
 from training.data.splits import Splits, SplitsError, luna16_subset_of, luna16_subset_splits
 
-CONFIG = """
-[preprocess]
-mode = "2.5d"
-input_shape = [32, 32]
-context_slices = 1
-target_spacing = [6.0, 9.0, 9.0]
-resample_z = true
-windows = [{center = -600, width = 1500}]
-
-[convert]
-shards = 2
-"""
+CONFIG = PREPROCESS_25D + CONVERT
 
 SUBSETS = (0, 1, 2)
 SCANS_PER_SUBSET = 2

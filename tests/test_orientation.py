@@ -351,6 +351,27 @@ def _sr_key_refs(sr: pydicom.Dataset) -> set[str]:
     return found
 
 
+def _sr_point_lps(sr: pydicom.Dataset, by_uid: dict[str, pydicom.Dataset]) -> npt.NDArray[np.float64]:
+    """Patient position (LPS mm) of the SR's SCOORD POINT, through the geometry of the image it is INFERRED FROM."""
+    found: list[tuple[list[float], str]] = []
+
+    def walk(items: Sequence[pydicom.Dataset]) -> None:
+        for item in items:
+            if item.get("ValueType") == "SCOORD":
+                (ref,) = [c for c in item.ContentSequence if c.get("ValueType") == "IMAGE"]
+                found.append(([float(v) for v in item.GraphicData],
+                              str(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    ((column, row), uid), = found
+    src = by_uid[uid]
+    iop = np.asarray([float(v) for v in src.ImageOrientationPatient])
+    dr, dc = (float(v) for v in src.PixelSpacing)
+    return np.asarray([float(v) for v in src.ImagePositionPatient]) + (column - 0.5) * dc * iop[:3] + \
+        (row - 0.5) * dr * iop[3:]
+
+
 def test_node_reports_every_patient_position_alike(tmp_path: Path, tiny_models_dir: Path) -> None:  # noqa: F811
     """Same anatomy, same probability; SR and SC name real source instances of each series."""
     cfg = parse_config({
@@ -366,6 +387,7 @@ def test_node_reports_every_patient_position_alike(tmp_path: Path, tiny_models_d
     hu = np.clip(np.rint(phantom_volume(NODE_SHAPE, NODE_SPACING, NODULE_MM, seed=3)), -1024, 3071).astype(np.float32)
     origin = (-166.25, -166.25, 0.0)
     probability: dict[str, float] = {}
+    points: dict[str, npt.NDArray[np.float64]] = {}
     for name in ("HFS", "HFP", "FFS", "sagittal"):
         paths, datasets = write_dicom(hu, name, tmp_path / name, spacing=NODE_SPACING, origin=origin)
         probability[name], sr_item, sc_item = _report(pipeline, index, spool, paths)
@@ -375,12 +397,17 @@ def test_node_reports_every_patient_position_alike(tmp_path: Path, tiny_models_d
         key = _sr_key_refs(sr)
         assert len(key) == 1 and key <= instances, name
         assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in instances
-        assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in key
+        if name != "sagittal":  # sagittal: the SR points into the image holding the finding, the SC's
+            assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in key  # axial slice cuts them all
         assert list(sc.PatientOrientation) == ["L", "P"], name  # the key image shows a canonical slice
         evidence = {str(r.ReferencedSOPInstanceUID) for e in sr.CurrentRequestedProcedureEvidenceSequence
                     for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
         assert evidence == instances, name  # every evaluated image, also for the sagittal stack
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+        points[name] = _sr_point_lps(sr, by_uid)
     assert probability["HFP"] == pytest.approx(probability["HFS"], abs=1e-6)
+    for name in ("HFP", "FFS", "sagittal"):  # the SR's image region marks the same anatomy in every position
+        assert np.linalg.norm(points[name] - points["HFS"]) < 0.5 * max(NODE_SPACING) + 1e-3, (name, points)
     assert probability["FFS"] == pytest.approx(probability["HFS"], abs=1e-6)
     assert probability["sagittal"] == pytest.approx(probability["HFS"], abs=1e-6)
 

@@ -45,6 +45,14 @@ def test_tiny_recipe_builds_a_loadable_model(tmp_path: Path) -> None:
     card = (model_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "--tiny" in card and "NOT for clinical use" in card
     assert f"{report['int8']['test_series']['auc']:.4f}" in card
+    # the evidence stage ran on the fresh model: locked range, shift sets, baselines, per-artifact thresholds
+    ev = report["evidence"]
+    assert {"validation", "earlier_test", "locked", "small_nodules", "thin_slices", "prone", "feet_first",
+            "high_noise", "geometry"} <= set(ev["sets"])
+    assert set(ev["thresholds"]) == {"model_int8.tflite", "model_fp32.tflite"}
+    assert man.threshold == ev["thresholds"]["model_int8.tflite"] == report["threshold"]
+    assert "### Shift report" in card and "### Trivial baselines" in card and "Fewer than 30 cases" in card
+    assert ev["sets"]["locked"]["warnings"]  # 4 series: flagged as too few
 
     loaded = load_model(model_dir, threads=1)
     x = np.zeros((2, *man.input.shape), np.float32)

@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittle
 
 from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef
 from medclf_node.reporting import DISCLAIMER, build_sc, build_sr, result_uids, sc_to_png
-from medclf_node.reporting.sc import apply_window, colormap, render_key_image
+from medclf_node.reporting.sc import apply_window, colormap, key_image_layout, render_key_image
 
 NODULE = Code("427359005", "SCT", "Solitary nodule of lung")
 IDENTITY = NodeIdentity(ae_title="MEDCLF", device_name="medclf-node-test", institution_name="Test Hospital")
@@ -284,11 +284,11 @@ def key_hu() -> npt.NDArray[np.float32]:
 
 
 def image_part(sc: Dataset) -> npt.NDArray[np.uint8]:
-    """The pixels below the banner, scaled back to source rows/cols by sampling."""
+    """The key slice's pixels in the picture (inside the frame), scaled back to source rows/cols."""
     px = np.asarray(sc.pixel_array)
-    scale = sc.Columns // COLS
-    body = px[sc.Rows - ROWS * scale:]
-    return np.asarray(body[::scale, ::scale], dtype=np.uint8)
+    layout = key_image_layout((ROWS, COLS), model_result())
+    ys, xs = layout.image_box(ROWS, COLS)
+    return np.asarray(px[ys, xs][:: layout.scale, :: layout.scale], dtype=np.uint8)
 
 
 def test_sc_is_in_source_study_with_patient_and_new_series(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny_experiment import CONVERT_SAMPLES, PREPROCESS_25D
 
 from medclf_node.inference.manifest import load_manifest, verify_artifacts
 from training.cli import main
@@ -16,20 +17,7 @@ name = "cli-tiny"
 version = "0.0.1"
 output_dir = "runs"
 cv_folds = 2
-
-[preprocess]
-mode = "2.5d"
-input_shape = [32, 32]
-context_slices = 1
-target_spacing = [6.0, 9.0, 9.0]
-resample_z = true
-windows = [{center = -600, width = 1500}]
-
-[convert]
-shards = 2
-[convert.samples]
-negative_slice_stride = 2
-
+""" + PREPROCESS_25D + CONVERT_SAMPLES + """
 [data]
 tfrecord_dir = "tfr"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port
+from tiny_experiment import CONVERT_SAMPLES, PREPROCESS_25D
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +29,7 @@ EXPERIMENT = """
 name = "dist"
 output_dir = "runs"
 cv_folds = 2
-
-[preprocess]
-mode = "2.5d"
-input_shape = [32, 32]
-context_slices = 1
-target_spacing = [6.0, 9.0, 9.0]
-resample_z = true
-windows = [{center = -600, width = 1500}]
-
-[convert]
-shards = 2
-[convert.samples]
-negative_slice_stride = 2
-
+""" + PREPROCESS_25D + CONVERT_SAMPLES + """
 [data]
 tfrecord_dir = "tfr"
 

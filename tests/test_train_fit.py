@@ -63,6 +63,11 @@ def test_cross_validation_writes_runs_and_summary(tmp_path: Path) -> None:
     assert summary["val_auc_sd"] == pytest.approx(np.std(aucs, ddof=1))
     assert min(aucs) > 0.9, "a bright square is easy: the loop must actually learn"
     assert json.loads((tmp_path / "tiny" / "cv.json").read_text())["folds"][1]["n_val"] == 32
+    for row in summary["folds"]:  # per-fold bootstrap CI at series level; folds of 8 series are flagged
+        lo, hi = row["val_auc_ci95"]
+        assert lo <= row["val_auc"] <= hi and row["n_val_series"] == 8
+    assert len(summary["warnings"]) == 2 and "only 8 case(s) (< 30)" in summary["warnings"][0]
+    assert summary["val_auc_pooled"]["n"] == 16
 
     run = tmp_path / "tiny" / "fold-0"
     for name in (WEIGHTS_FILE, HISTORY_FILE, CONFIG_FILE):

@@ -261,7 +261,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _print_checks(result: Any) -> None:
     for mode, c in result.checks.items():
-        print(f"{mode}: max |tflite - keras| {c['max_abs_diff_vs_keras']:.2e} (tol {c['tolerance']:.0e}) "
+        stat = c.get("tolerance_statistic", "max")
+        measured = c.get(f"{stat}_abs_diff_vs_keras", c["max_abs_diff_vs_keras"])
+        print(f"{mode}: {stat} |tflite - keras| {measured:.2e} (tol {c['tolerance']:.0e}"
+              f"{', max ' + format(c['max_abs_diff_vs_keras'], '.2e') if stat != 'max' else ''}) "
               f"{'ok' if c['ok'] else 'FAIL'}; test AUC {c['holdout_auc']:.4f} "
               f"(delta vs fp32 {c['auc_delta_vs_fp32_keras']:+.4f}); {c['size_bytes'] / 1024:.0f} kB")
     print(f"wrote {result.model_dir}")

@@ -403,14 +403,23 @@ def fit(
 # --- cross-validation ----------------------------------------------------------------------
 
 
-def split_auc(cfg: TrainConfig, split: Split, scores: npt.NDArray[np.float32]) -> float:
-    """AUC at series level (node aggregation) for 2D models, per example for 3D models."""
-    from training.evaluate import aggregate_series, roc_auc
+def series_level(
+    cfg: TrainConfig, split: Split, scores: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """(labels, scores) per series (node aggregation) for 2D models, per example for 3D models."""
+    from training.evaluate import aggregate_series
 
     if cfg.preprocess.mode == "3d":
-        return roc_auc(split.labels, scores)
+        return np.asarray(split.labels, np.int64), np.asarray(scores, np.float64)
     _, s, y = aggregate_series(split.series_ids, scores, split.labels, cfg.evaluate.aggregation)
-    return roc_auc(y, s)
+    return np.asarray(y, np.int64), np.asarray(s, np.float64)
+
+
+def split_auc(cfg: TrainConfig, split: Split, scores: npt.NDArray[np.float32]) -> float:
+    """AUC at series level (node aggregation) for 2D models, per example for 3D models."""
+    from training.evaluate import roc_auc
+
+    return roc_auc(*series_level(cfg, split, scores))
 
 
 def cross_validate(
@@ -424,8 +433,10 @@ def cross_validate(
     """Fit one model per fold, score its validation fold; per-fold results and mean +- sd (ddof=1).
 
     ``fold_data(k)`` returns (train, validation, optional batched training dataset) for fold ``k``.
-    Each fold is written to ``cfg.run_dir / "fold-k"`` and its result row to ``fold-k/cv_row.json``;
-    the summary goes to ``cfg.run_dir / "cv.json"``.
+    Each fold is written to ``cfg.run_dir / "fold-k"`` and its result row (with the fold's series
+    labels and scores) to ``fold-k/cv_row.json``; the summary goes to ``cfg.run_dir / "cv.json"``:
+    per fold the AUC with its bootstrap 95 % CI, mean +- sd, the pooled AUC, and ``warnings`` for
+    folds under 30 series (a mean +- sd over folds that small says little).
 
     ``resume``: a fold is finished when its ``fit_result.json`` and ``cv_row.json`` exist and its saved
     config equals ``cfg``; finished folds are not refitted (an interrupted run continues at the first
@@ -438,6 +449,8 @@ def cross_validate(
     import shutil
 
     from tqdm import tqdm
+
+    from training.evaluate import cv_summary, roc_auc
 
     def finished(run: Path) -> dict[str, Any] | None:
         row_file, cfg_file = run / CV_ROW_FILE, run / CONFIG_FILE
@@ -466,17 +479,27 @@ def cross_validate(
         train, val, train_ds = fold_data(k)
         res = fit(cfg, train, val, run, train_ds)
         model = load_trained_model(res.run_dir)
-        scores = predict_split(model, val)
-        rows.append({"fold": k, "val_auc": split_auc(cfg, val, scores), "best_epoch_val_auc": res.best_val_auc,
-                     "epochs": res.epochs_run, "n_train": len(train), "n_val": len(val)})
+        y_series, s_series = series_level(cfg, val, predict_split(model, val))
+        rows.append({"fold": k, "val_auc": roc_auc(y_series, s_series), "best_epoch_val_auc": res.best_val_auc,
+                     "epochs": res.epochs_run, "n_train": len(train), "n_val": len(val),
+                     "n_val_series": len(y_series), "series_labels": y_series.tolist(),
+                     "series_scores": s_series.tolist()})
         if chief:
             (run / CV_ROW_FILE).write_text(json.dumps(rows[-1], indent=1), encoding="utf-8")
         keras.backend.clear_session()
         bar.set_postfix(val_auc=f"{rows[-1]['val_auc']:.3f}")
         log.info("fold %d: validation AUC %.4f", k, rows[-1]["val_auc"])
+    evidence = cv_summary([(r["series_labels"], r["series_scores"]) for r in rows if "series_labels" in r],
+                          n_boot=cfg.evaluate.bootstrap, seed=cfg.fit.seed)
+    by_fold = {r["fold"]: r for r in evidence["folds"]}
+    for k, row in enumerate(r for r in rows if "series_labels" in r):
+        row["val_auc_ci95"] = by_fold[k]["auc_ci95"]
     aucs = np.array([r["val_auc"] for r in rows], dtype=np.float64)
-    summary = {"folds": rows, "val_auc_mean": float(np.nanmean(aucs)),
+    summary = {"folds": [{k: v for k, v in r.items() if k not in ("series_labels", "series_scores")} for r in rows],
+               "val_auc_mean": float(np.nanmean(aucs)),
                "val_auc_sd": float(np.nanstd(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+               "val_auc_pooled": evidence.get("pooled"),
+               "warnings": evidence["warnings"],
                "level": "series" if cfg.preprocess.mode != "3d" else "volume"}
     if chief:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
 from medclf_node.domain import Code, ModelResult, NodeIdentity
-from medclf_node.reporting.sc import build_sc, sc_to_png, slice_orientation
+from medclf_node.reporting.sc import build_sc, sc_to_png, slice_info_from_volume, slice_orientation
 from medclf_node.reporting.sr import DISCLAIMER, build_sr
 from medclf_node.reporting.uids import derive_uid, result_uids
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DISCLAIMER", "build_sc", "build_sr", "derive_uid", "result_uids", "sc_to_png", "slice_orientation", "warm_up",
+    "DISCLAIMER", "build_sc", "build_sr", "derive_uid", "result_uids", "sc_to_png", "slice_info_from_volume",
+    "slice_orientation", "warm_up",
 ]
 
 

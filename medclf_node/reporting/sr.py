@@ -1,10 +1,13 @@
 """The classification result as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
 The SR joins the source study as a new series: viewers and PACS file it next to the images.
-It states who concluded what: the node is the device observer, the model is identified by
-TID 4019 (name, version, operating threshold), and one measurement group per finding holds
-the coded Present/Absent evaluation, the probability and the key slice. Every evaluated
-instance is listed as evidence, so the report says exactly which images it is about.
+It states who concluded what: the node is the device observer, and one measurement group per
+finding holds the model's TID 4019 algorithm identification (name, version, operating
+threshold), the coded Present/Absent evaluation, the probability and the key slice. The
+probability NUM carries the finding's image region: a SCOORD POINT INFERRED FROM the key image
+(:mod:`.region`), and nothing else, because that is what viewers draw (OHIF skips a NUM whose
+content is not a SCOORD, and shows a black viewport). Every evaluated instance is listed as
+evidence, so the report says exactly which images it is about.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef
+from medclf_node.domain import Code, ModelResult, NodeIdentity, SliceRef, Volume
+from medclf_node.reporting.demographics import carried, shorten
+from medclf_node.reporting.region import ImagePoint, locate_finding
 from medclf_node.reporting.uids import ResultVersion, derive_uid, device_uid, result_uids
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ PRESENT = hd.sr.CodedConcept(value="52101004", scheme_designator="SCT", meaning=
 ABSENT = hd.sr.CodedConcept(value="2667000", scheme_designator="SCT", meaning="Absent")
 PROBABILITY = hd.sr.CodedConcept(*codes.DCM.Probability)
 PROBABILITY_UNIT = hd.sr.CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
+COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
 # CID 100 "Quantitative Diagnostic Imaging Procedures"
 CT_PROCEDURE = hd.sr.CodedConcept(*codes.LN.CTUnspecifiedBodyRegion)
 
@@ -47,9 +54,26 @@ def fit_bytes(text: str, limit: int = 64) -> str:
     return data.decode("utf-8", errors="ignore")
 
 
+def format_probability(p: float) -> str:
+    """A probability with the precision a model's output has: three decimals, bounded at the ends.
+
+    0.996 stays "0.996" (two decimals printed it as "1.00", which reads as certainty); values
+    that round to 0 or 1 at three decimals are "< 0.001" / "> 0.999", never "0.000" / "1.000".
+    """
+    v = float(p)
+    if v != v:  # NaN
+        return "n/a"
+    if v >= 0.9995:
+        return "> 0.999"
+    if v < 0.0005:
+        return "< 0.001"
+    return f"{v:.3f}"
+
+
 def series_description(result: ModelResult, kind: str = "") -> str:
-    """A result series' description (LO, at most 64 bytes), carrying the disclaimer."""
-    return fit_bytes(f"{DISCLAIMER}{kind} ({result.model_name})")
+    """A result series' description (LO, at most 64 bytes), carrying the disclaimer; shortened at a
+    word boundary (a model name that does not fit is dropped whole, never cut mid-word)."""
+    return shorten(f"{DISCLAIMER}{kind} ({result.model_name})", 64)
 
 
 def find_key_source(sources: Sequence[Dataset], result: ModelResult, key_ref: SliceRef | None) -> Dataset:
@@ -81,7 +105,7 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
     The caller's dataset is left untouched (the first item becomes a new Dataset sharing its
     elements; ``Dataset.copy()`` would share the element dict itself).
     """
-    head = sources[0]
+    head = carried(sources[0])  # patient/study values valid for the SR (bad demographics never cost it)
     missing = [kw for kw in _TYPE2_HEADER if kw not in head]
     if missing:
         head = Dataset(dict(head.items()))
@@ -110,9 +134,9 @@ def _measurement_group(
     result: ModelResult,
     identity: NodeIdentity,
     source_series_uid: str,
-    key_source: Dataset,
-    key_frame_number: int | None,
+    point: ImagePoint,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group; TID 4019 sits in the group, the NUM holds only its image region."""
     finding = coded(result.finding)
     present = result.probability >= result.threshold
     if present != result.positive:
@@ -127,8 +151,13 @@ def _measurement_group(
         parameters=[f"operating threshold={result.threshold:.6g}"],
         manufacturer=identity.manufacturer,
     )
-    frames = [key_frame_number] if key_frame_number is not None else None
-    key_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(key_source, frames)
+    frames = [point.frame_number] if point.frame_number is not None else None
+    key_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(point.source, frames)
+    region = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[point.column, point.row]], dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(point.source, frames),
+    )
     tracking = hd.sr.TrackingIdentifier(
         uid=derive_uid(source_series_uid, result.model_name, result.model_version, "finding",
                        result.finding.scheme, result.finding.value),
@@ -138,9 +167,9 @@ def _measurement_group(
         name=PROBABILITY,
         value=float(result.probability),
         unit=PROBABILITY_UNIT,
-        algorithm_id=algorithm,
+        referenced_coordinates=[region],
     )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=finding,
         algorithm_id=algorithm,
@@ -150,6 +179,17 @@ def _measurement_group(
         ],
         source_images=[key_ref],
     )
+    # The coded evaluation in words, as a Comment (TID 1501 is extensible): OHIF labels a
+    # measurement with its NUMs and its Comments only, so without it the viewer would show a
+    # probability without saying of what. The probability is repeated here at the precision it has:
+    # OHIF prints the NUM at two decimals (0.996 as "1.00", which reads as certainty).
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT,
+        value=f"{result.finding.meaning}: {'present' if present else 'absent'} "
+              f"(AI result, p = {format_probability(result.probability)})",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    ))
+    return group
 
 
 def build_sr(
@@ -160,6 +200,7 @@ def build_sr(
     key_ref: SliceRef | None = None,
     series_number: int = SR_SERIES_NUMBER,
     version: ResultVersion | None = None,
+    volume: Volume | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the SR for one model's result on one series.
 
@@ -167,6 +208,9 @@ def build_sr(
     slice order; the key slice is ``sources[result.key_slice_index]`` unless ``key_ref``
     names it (pass ``Volume.slice_refs[key_slice_index]``: needed when the volume was
     resampled or the source is multi-frame, where it also gives the frame number).
+    ``volume`` (the evaluated :class:`Volume`) gives the affine and slice shape that map the
+    finding from the canonical key slice into source-image pixels; without it the canonical
+    slice is taken to be the key source image (true only for head-first supine axial series).
     Series and SOP Instance UIDs are deterministic (see :mod:`.uids`); ``version`` (default: the
     first) gives the generation they derive from and the SR it replaces (Predecessor Documents).
     """
@@ -178,6 +222,11 @@ def build_sr(
     source_series_uid = str(sources[0].SeriesInstanceUID)
     key_source = find_key_source(sources, result, key_ref)
     key_frame_number = key_ref.frame_number if key_ref is not None else None
+    point = locate_finding(
+        sources, key_source, key_frame_number, result,
+        affine=volume.affine if volume is not None else None,
+        slice_shape=(volume.shape[1], volume.shape[2]) if volume is not None else None,
+    )
     version = version or ResultVersion()
     uids = result_uids(source_series_uid, result.model_name, result.model_version, "sr",
                        generation=version.generation)
@@ -185,7 +234,7 @@ def build_sr(
         observation_context=_observation_context(identity),
         procedure_reported=CT_PROCEDURE,
         imaging_measurements=[
-            _measurement_group(result, identity, source_series_uid, key_source, key_frame_number)
+            _measurement_group(result, identity, source_series_uid, point)
         ],
     )
     sr = hd.sr.Comprehensive3DSR(

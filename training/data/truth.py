@@ -37,7 +37,7 @@ class NoduleTruth(BaseModel):
 
 
 class SeriesTruth(BaseModel):
-    """Labels of one series; ``slice_labels`` is indexed like the volume (slice 0 most superior, the canonical orientation)."""
+    """Labels of one series; ``slice_labels`` is indexed like the (canonical) volume: slice 0 most superior."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

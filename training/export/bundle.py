@@ -37,8 +37,40 @@ from training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: Max |p_tflite - p_keras| accepted per precision (probabilities in [0, 1]).
-TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3, "dynamic": 5e-2, "int8": 0.1, "qat_int8": 0.1}
+#: |p_tflite - p_keras| accepted per precision (probabilities in [0, 1]): the max over the parity
+#: samples, except for int8 (see INT8_PARITY).
+TOLERANCE: dict[str, float] = {"fp32": 1e-5, "fp16": 5e-3, "dynamic": 5e-2, "int8": 0.06, "qat_int8": 0.06}
+#: int8 parity is held to the 99th percentile and the mean of |p_int8 - p_keras| over every held-out
+#: input, not to the max over 32.  Measured on the shipped nodule-2p5d-int8 (int8 body, float head)
+#: against its fp32 artifact on all 3433 validation slices: max 0.143, 99th percentile 0.045, mean
+#: 0.0069; series probabilities (what the node reports) max 0.064, mean 0.021.  The max is set by a
+#: handful of inputs on the steep middle of the sigmoid, so a max tolerance either fails a good model
+#: or (the former 0.1) lets a broken one through; p99 <= 0.06 and mean <= 0.02 fail an int8 artifact
+#: whose bulk drifts (a 1/256 int8 output step is 0.004) with ~35% / ~3x margin over the shipped model.
+INT8_PARITY: dict[str, float] = {"p99": 0.06, "mean": 0.02}
+
+
+def parity_check(mode: str, tflite_p: npt.ArrayLike, ref_p: npt.ArrayLike, n_par: int) -> dict[str, Any]:
+    """Parity of one artifact's probabilities with the reference (Keras) model's.
+
+    fp32/fp16/dynamic: max |difference| over the first ``n_par`` inputs <= ``TOLERANCE[mode]``.
+    int8 / qat_int8: over every input, the 99th percentile <= INT8_PARITY["p99"] (= TOLERANCE[mode])
+    and the mean <= INT8_PARITY["mean"].
+    """
+    t = np.asarray(tflite_p, np.float64).reshape(-1)
+    r = np.asarray(ref_p, np.float64).reshape(-1)
+    if mode in ("int8", "qat_int8"):
+        d = np.abs(t - r)
+        p99 = float(np.quantile(d, 0.99)) if d.size else 0.0
+        mean = float(d.mean()) if d.size else 0.0
+        return {"max_abs_diff_vs_keras": float(d.max()) if d.size else 0.0, "p99_abs_diff_vs_keras": p99,
+                "mean_abs_diff_vs_keras": mean, "tolerance": TOLERANCE[mode], "tolerance_statistic": "p99",
+                "mean_tolerance": INT8_PARITY["mean"], "parity_samples": int(d.size),
+                "ok": p99 <= TOLERANCE[mode] and mean <= INT8_PARITY["mean"]}
+    d = np.abs(t[:n_par] - r[:n_par])
+    diff = float(d.max()) if d.size else 0.0
+    return {"max_abs_diff_vs_keras": diff, "tolerance": TOLERANCE[mode], "tolerance_statistic": "max",
+            "parity_samples": int(d.size), "ok": diff <= TOLERANCE[mode]}
 ARTIFACT_NAMES: dict[str, str] = {
     "saved_model": "saved_model",
     "fp32": "model_fp32.tflite",
@@ -147,14 +179,13 @@ def export_model(
             raise ExportError("int8 export needs the training split for representative samples")
         path.write_bytes(convert(ref_model, tfl_mode, rep))
         tfl_p = _tflite_predict(path, x_hold)
-        diff = float(np.max(np.abs(tfl_p[:n_par] - ref_p[:n_par]))) if n_par else 0.0
         auc = split_auc(cfg, holdout, tfl_p)
-        ok = diff <= TOLERANCE[mode]
-        checks[mode] = {"max_abs_diff_vs_keras": diff, "tolerance": TOLERANCE[mode], "ok": ok,
-                        "parity_samples": n_par, "holdout_auc": auc, "auc_delta_vs_fp32_keras": auc - fp32_auc,
+        par = parity_check(mode, tfl_p, ref_p, n_par)
+        checks[mode] = {**par, "holdout_auc": auc, "auc_delta_vs_fp32_keras": auc - fp32_auc,
                         "size_bytes": path.stat().st_size}
-        if not ok:
-            log.warning("%s: TFLite differs from Keras by %.3g > %.3g", name, diff, TOLERANCE[mode])
+        if not par["ok"]:
+            log.warning("%s: TFLite differs from Keras beyond tolerance: %s", name,
+                        {k: v for k, v in par.items() if k.endswith("diff_vs_keras")})
         artifacts.append(Artifact(path=name, format="tflite", precision=_PRECISION[mode], sha256=sha256_path(path),
                                   input_dtype="int8" if tfl_mode == "int8" else "float32"))
     all_metrics = {"holdout_auc_fp32_keras": fp32_auc, **(metrics or {})}

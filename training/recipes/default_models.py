@@ -3,10 +3,18 @@
 Run ``python -m training.recipes.default_models --out models`` (about 10 minutes on 2 cores);
 ``--tiny`` runs the same code path on a handful of phantoms for one epoch (tests, < 1 minute).
 
-Every figure in the model card comes from this run: series-level AUC on an independent synthetic
-test split (bootstrap 95% CI), sensitivity/specificity at a threshold chosen on validation, the
-int8-vs-fp32 AUC delta, and the CPU latency of the node's own predictor on a 300x512x512 series.
-The data is built before TensorFlow is imported, so it can be rendered in forked workers.
+Every figure in the model card comes from this run: series-level AUC on the synthetic test split
+(bootstrap 95% CI), sensitivity/specificity at a threshold chosen on validation, the int8-vs-fp32
+AUC delta, and the CPU latency of the node's own predictor on a 300x512x512 series.  The data is
+built before TensorFlow is imported, so it can be rendered in forked workers.
+
+The run ends with the evidence stage (:mod:`training.recipes.evidence`): a locked test range never
+used for any decision, a shift report (small nodules, thin slices, prone / feet-first DICOM through
+the node, higher noise, other scanner geometry), trivial baselines, per-artifact thresholds and the
+int8-vs-fp32 series-probability shift.  ``--evidence-only [--model 3d]`` runs just that stage on the
+shipped artifacts (no training) and regenerates evaluation.json, the manifest's metrics and the card
+(``--baseline-cache FILE`` lets the second model reuse the model-free baseline scores);
+``--card-only`` re-renders the card from evaluation.json.
 """
 
 from __future__ import annotations
@@ -445,6 +453,7 @@ def run_recipe(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offse
         "stages": stages,
     }
     write_evaluation(model_dir, report, render_card(report, manifest))
+    evidence_stage(model_dir, kind="2.5d", tiny=tiny, command=command)
     log.info("wrote %s in %.0f s: test AUC %.4f, int8-fp32 %.4f", model_dir, stages["total_seconds"],
              metrics["test_series_auc"], delta)
     return model_dir
@@ -466,6 +475,68 @@ def _node_parity(model_dir: Path, series: list[EvalSeries], scores: list[npt.NDA
     return {"series": len(series), "max_abs_diff": worst}
 
 
+#: Evidence-stage sizes (training.recipes.evidence): series in the locked set / each shift set.
+EVIDENCE_FULL = {"n_locked": 60, "n_shift": 40, "n_boot": 2000, "split_limit": None}
+EVIDENCE_TINY = {"n_locked": 4, "n_shift": 2, "n_boot": 50, "split_limit": 4}
+
+
+def evidence_stage(model_dir: Path, *, kind: str, tiny: bool = False, threads: int = 2, command: str = "",
+                   baseline_cache: Path | None = None, sizes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-score a built model directory's artifacts (no training): validation thresholds per artifact,
+    the earlier test split, the locked test range, the shift sets and baselines; rewrite
+    evaluation.json (``evidence``), the manifest's threshold/metrics and MODEL_CARD.md."""
+    import json
+
+    from medclf_node.inference.manifest import load_manifest
+    from training.recipes.evidence import run_evidence
+
+    report = json.loads((model_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    manifest = load_manifest(model_dir)
+    if kind == "3d":
+        from training.recipes.model_3d import FP16_FILE, SAVED_MODEL_DIR
+
+        served, reference = FP16_FILE, SAVED_MODEL_DIR
+    else:
+        served, reference = INT8_FILE, FP32_FILE
+    sz = dict(sizes or (EVIDENCE_TINY if tiny else EVIDENCE_FULL))
+    ev = run_evidence(model_dir, report, served=served, reference=reference, threads=threads,
+                      plots_dir=model_dir / "plots", model_name=manifest.name, baseline_cache=baseline_cache, **sz)
+    recipe_thr = {served: float(report["threshold"])}
+    ev["recipe_threshold_reproduced"] = abs(ev["thresholds"][served] - recipe_thr[served]) < 1e-6
+    ev["command"] = command
+    report["evidence"] = ev
+    report["threshold"] = ev["thresholds"][served]
+    metrics = dict(manifest.metrics)
+    locked = ev["sets"]["locked"]["artifacts"][served]
+    metrics.update({
+        "locked_test_series_auc": float(locked["auc"]),
+        "locked_test_series_auc_ci95_low": float(locked["auc_ci95"][0]),
+        "locked_test_series_auc_ci95_high": float(locked["auc_ci95"][1]),
+        "locked_test_sensitivity": float(locked["confusion"]["sensitivity"]),
+        "locked_test_specificity": float(locked["confusion"]["specificity"]),
+        "series_probability_shift_max": float(ev["artifact_shift"]["series"]["max"]),
+        "series_probability_shift_mean": float(ev["artifact_shift"]["series"]["mean"]),
+    })
+    for name, r in ev["sets"].items():
+        if name not in ("validation", "earlier_test", "locked"):
+            metrics[f"shift_{name}_auc"] = float(r["artifacts"][served]["auc"])
+    manifest = manifest.model_copy(update={"metrics": {k: v for k, v in metrics.items() if np.isfinite(v)},
+                                           "threshold": float(ev["thresholds"][served])})
+    write_manifest(manifest, model_dir)
+    render_and_write_card(model_dir, report, kind)
+    return report
+
+
+def render_and_write_card(model_dir: Path, report: dict[str, Any], kind: str) -> None:
+    """evaluation.json + MODEL_CARD.md from ``report`` (the card only renders what the report holds)."""
+    from medclf_node.inference.manifest import load_manifest
+    from training.recipes.model_card import render_card, render_card_3d
+
+    manifest = load_manifest(model_dir)
+    card = render_card_3d(report, manifest) if kind == "3d" else render_card(report, manifest)
+    write_evaluation(model_dir, report, card)
+
+
 def _main_3d(args: argparse.Namespace) -> int:
     """``--model 3d``: the nodule-3d-cbam recipe (training.recipes.model_3d)."""
     from training.recipes.model_3d import run_recipe_3d
@@ -484,6 +555,24 @@ def _main_3d(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_evidence(args: argparse.Namespace) -> int:
+    """``--evidence-only`` / ``--card-only`` on ``OUT/<model>`` (shipped artifacts, no training)."""
+    import json
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kind = "3d" if args.model == "3d" else "2.5d"
+    name = "nodule-3d-cbam" if kind == "3d" else MODEL_NAME
+    model_dir = args.out / name
+    if args.card_only:
+        render_and_write_card(model_dir, json.loads((model_dir / REPORT_FILE).read_text(encoding="utf-8")), kind)
+        return 0
+    result_args = ["--out", str(args.out), "--model", args.model, "--evidence-only"] + (["--tiny"] if args.tiny else [])
+    command = shlex.join(["python", "-m", "training.recipes.default_models", *result_args])
+    evidence_stage(model_dir, kind=kind, tiny=args.tiny, threads=args.threads, command=command,
+                   baseline_cache=args.baseline_cache)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``python -m training.recipes.default_models [--tiny] [--out DIR]``."""
     args_list = sys.argv[1:] if argv is None else argv
@@ -496,7 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=("2.5d", "3d"), default="2.5d",
                    help="Which shipped model: 2.5d (nodule-2p5d-int8) or 3d (nodule-3d-cbam).")
     p.add_argument("--threads", type=int, default=2, help="TensorFlow intra/inter-op threads (3d recipe).")
+    p.add_argument("--evidence-only", action="store_true",
+                   help="No training: re-score the built model in OUT (locked test range, shift sets, baselines, "
+                        "per-artifact thresholds) and regenerate evaluation.json, manifest metrics and the card.")
+    p.add_argument("--card-only", action="store_true", help="Only re-render MODEL_CARD.md from evaluation.json.")
+    p.add_argument("--baseline-cache", type=Path, default=None,
+                   help="JSON file caching the model-free baseline scores between the two models' evidence runs.")
     args = p.parse_args(args_list)
+    if args.evidence_only or args.card_only:
+        return _main_evidence(args)
     if args.model == "3d":
         return _main_3d(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

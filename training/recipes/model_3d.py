@@ -10,11 +10,13 @@ this run, scored with the node's own preprocessing, runtimes and predictor.
 
 Shipped as ``models/nodule-3d-cbam`` (2026-11-25, 2 cores, TensorFlow on 2 threads with oneDNN,
 see training/tfenv.py): 360 training phantoms -> 4636 windows, in-plane rotation +-15 deg,
-10 epochs in 37 min, 41 min in all; held-out series AUC 0.962 (CI 0.91-1.00), meeting the
-0.95 target.  Tried on the way: a 5 mm in-plane grid and global average pooling (training AUC
-stalled near 0.75-0.80), fully 3D first stages (learns ~3x slower than with
-``inplane_stages=1``), 140 phantoms / 16 epochs (test AUC 0.894: overfit, training window AUC
-0.997 vs validation 0.92), and 280 phantoms without rotation (test AUC 0.937, validation
+10 epochs in 37 min, 41 min in all; series AUC 0.962 (CI 0.91-1.00) on the test split, which
+met the 0.95 target but had decided between the three retrainings below (model selection); on the
+locked test range of the evidence stage (training.recipes.evidence, seeds 900000+) the same
+artifacts score 0.938 (CI 0.87-0.99), under the target.  Tried on the way: a 5 mm in-plane
+grid and global average pooling (training AUC stalled near 0.75-0.80), fully 3D first stages
+(learns ~3x slower than with ``inplane_stages=1``), 140 phantoms / 16 epochs (test AUC 0.894:
+overfit, training window AUC 0.997 vs validation 0.92), and 280 phantoms without rotation (test AUC 0.937, validation
 window AUC 0.959 vs 0.996 in training); rotation closed that gap (training 0.976, validation 0.986).
 ``--tiny`` exercises the whole path (train, export,
 evaluate, card) in a few minutes.
@@ -464,6 +466,9 @@ def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_of
         "stages": stages,
     }
     write_evaluation(model_dir, report, render_card_3d(report, manifest))
+    from training.recipes.default_models import evidence_stage
+
+    evidence_stage(model_dir, kind="3d", tiny=tiny, threads=threads, command=command)
     log.info("wrote %s in %.0f s: test AUC %.4f (fp16), SavedModel %.4f", model_dir, stages["total_seconds"],
              metrics["test_series_auc"], metrics["saved_model_test_series_auc"])
     return model_dir

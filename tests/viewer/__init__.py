@@ -1,0 +1,1 @@
+"""Helpers for the viewer test: OHIF Viewer 3 over Orthanc DICOMweb, driven by headless Chromium."""
