@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from medclf_node.dicom_uid import is_valid_uid
+from medclf_node.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _clean(key: str, value: object) -> Scalar:
     text = _CTRL_RE.sub(" ", value).strip()
     if key.endswith("_ae"):
         return text[:16]
-    return text[:MAX_TEXT]
+    return scrub(text)[:MAX_TEXT]  # a quoted value in a reason may be patient data
 
 
 def build_record(event: str, fields: dict[str, object], *, now: datetime | None = None) -> dict[str, Scalar]:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medclf_node import redact
 from medclf_node.config import Config, ConfigError, load_config
 from medclf_node.inference.registry import ModelLoadError
 
@@ -31,6 +32,8 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom narrates every module it copies (with UIDs) at INFO when building SR/SC objects.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # no patient data in any log line, whoever writes it (values shown by kind and length only)
+    redact.install()
 
 
 def _load(args: argparse.Namespace) -> Config:

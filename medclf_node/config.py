@@ -284,7 +284,29 @@ class LimitsSection(_Section):
 
     max_associations: int = Field(
         32, ge=1, description="Concurrent associations; one more is rejected at A-ASSOCIATE with "
-        "'local limit exceeded' (transient, the sender may retry later).",
+        "'local limit exceeded' (transient, the sender may retry later). Only connections that sent a complete "
+        "A-ASSOCIATE-RQ count; connections still waiting for one hold no slot and no thread.",
+    )
+    max_associations_per_host: int = Field(
+        16, ge=1, description="Concurrent associations from one calling IP address; one more is rejected with "
+        "'local limit exceeded', so one peer cannot take every slot. Set to max_associations to disable.",
+    )
+    max_associations_per_ae: int = Field(
+        16, ge=1, description="Concurrent associations with one calling AE title; one more is rejected with "
+        "'local limit exceeded'. Set to max_associations to disable.",
+    )
+    artim_timeout_seconds: float = Field(
+        30.0, gt=0, description="ARTIM timer (PS3.8, as DCMTK's 30 s): a connection that has not sent a complete "
+        "A-ASSOCIATE-RQ (TLS handshake included) within this time is closed; never longer than "
+        "idle_timeout_seconds. A connection that closes or sends anything else ends at once.",
+    )
+    max_pending_connections: int = Field(
+        512, ge=1, description="Connections waiting for their A-ASSOCIATE-RQ (one file descriptor each, no "
+        "thread); past this the oldest waiting connection of the host with the most of them is closed.",
+    )
+    max_associate_rq_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest A-ASSOCIATE-RQ PDU accepted; a longer announced length is "
+        "answered with A-ABORT before any of it is read.",
     )
     idle_timeout_seconds: float = Field(
         60.0, gt=0, description="An association that sends nothing for this long is aborted (A-ABORT); "

@@ -112,7 +112,8 @@ class Metrics:
     Hooks (who calls what):
 
     * C-STORE handler: :meth:`instance_received` after Success is decided.
-    * association accept/reject handlers: :meth:`association`.
+    * association accept/reject handlers: :meth:`association`; the pre-association gate:
+      ``gate_connections.labels(outcome=...).inc()``.
     * pipeline: ``with metrics.time_stage("inference"): ...`` per stage; :attr:`models_loaded`.
     * outbox: ``metrics.dispatch_failures.labels(destination=...).inc()`` per failed attempt.
     * node start-up: :meth:`watch_series_states`, :meth:`watch_outbox_depth`, :meth:`watch_free_disk`.
@@ -131,6 +132,11 @@ class Metrics:
         self.associations = Counter(
             "associations", "Association requests by outcome and reason code.",
             ["result", "reason"], namespace=NAMESPACE, registry=r,
+        )
+        self.gate_connections = Counter(
+            "gate_connections", "New connections by what became of them before association (handed_off: a "
+            "complete A-ASSOCIATE-RQ got a slot; closed, not_associate_rq, artim_expired, evicted, tls_failed, "
+            "*_limit_exceeded, ...).", ["outcome"], namespace=NAMESPACE, registry=r,
         )
         self.stage_seconds = Histogram(
             "stage_seconds", "Duration of one pipeline stage for one series.",

@@ -43,6 +43,7 @@ from medclf_node.ingest.index import Index, ReportRecord, SeriesRow
 from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
+from medclf_node.redact import scrub
 from medclf_node.reporting import build_sc, build_sr, result_uids, slice_info_from_volume, slice_orientation
 from medclf_node.reporting.uids import Predecessor, ResultVersion, label_version
 from medclf_node.telemetry import Telemetry
@@ -159,11 +160,12 @@ class Pipeline:
             state, code, text, rule = self._run(row, timings)
         except StageError as exc:
             state, code, text, rule = "failed", exc.code, exc.message, None
-            log.warning("series %s failed: %s", uid, exc)
+            log.warning("series %s failed: %s", uid, scrub(str(exc)))
         except Exception as exc:  # never take the worker down; the reason is recorded
             state, code, text, rule = "failed", "internal_error", f"{type(exc).__name__}: {exc}"[:500], None
             log.exception("series %s: unexpected error", uid)
         timings["total"] = round(time.perf_counter() - t0, 3)
+        text = scrub(text) if text else text  # exception texts quote values; no patient data in the index or audit
         changed = self.index.set_series_state(
             uid, state, code, text, generation=gen, rule=rule, timings=timings  # type: ignore[arg-type]
         )

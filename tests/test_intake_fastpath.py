@@ -65,6 +65,7 @@ PINNED = {
     "transport.RequestHandler._create_association": "05c8d12b79863cdb",
     "transport.AssociationSocket.__init__": "1f0325fdef2cc353",
     "transport.AssociationSocket.recv": "6bc20a33b1b7cfe7",
+    "transport.AssociationSocket.ready": "3eb58e3d39dc076d",  # BulkRecvSocket.ready wraps it (gate prefetch)
     "dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "dimse.DIMSEServiceProvider.__init__": "bbecd186810e7700",
     "dimse.DIMSEServiceProvider.send_msg": "a839cf2fb46976d9",

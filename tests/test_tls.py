@@ -175,3 +175,37 @@ def test_cli_echo_to_a_tls_peer(node_factory: Callable[..., RunningNode], pki: P
     assert ok.returncode == 0, ok.stdout + ok.stderr
     plain = subprocess.run([*run, "plain"], capture_output=True, text=True, timeout=60)
     assert plain.returncode != 0
+
+
+def test_silent_and_stalled_tls_clients_take_no_thread_and_end_at_artim(
+    node_factory: Callable[..., RunningNode], pki: Pki
+) -> None:
+    """The gate runs the TLS handshake without a thread: a client that never says hello, or stops in the
+    middle of the handshake, costs nothing and is closed after limits.artim_timeout_seconds."""
+    node = node_factory(tls={"enabled": True, "cert": str(pki.server_cert), "key": str(pki.server_key),
+                             "ca": str(pki.ca), "require_client_cert": True},
+                        limits={"artim_timeout_seconds": 1.5})
+    time.sleep(0.5)
+    status = Path(f"/proc/{node.proc.pid}/status")
+    threads = lambda: int(next(ln.split()[1] for ln in status.read_text().splitlines()  # noqa: E731
+                               if ln.startswith("Threads:")))
+    before = threads()
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(30)]
+    stalled = socket.create_connection(("127.0.0.1", node.port))
+    stalled.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the first bytes of a ClientHello
+    try:
+        time.sleep(0.3)
+        assert threads() <= before + 1
+        peer = _client_ctx(pki)
+        assert echo(Peer(peer.ae_title, peer.host, node.port, tls=peer.tls), local_ae=SENDER_AE, timeout=10) == 0
+        t0 = time.monotonic()
+        for s in [*silent, stalled]:
+            s.settimeout(5)
+            try:
+                assert s.recv(4096) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - t0 < 4
+    finally:
+        for s in [*silent, stalled]:
+            s.close()

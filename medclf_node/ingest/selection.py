@@ -30,6 +30,7 @@ from pydicom.uid import UID
 from medclf_node.config import RuleSection
 from medclf_node.dicom_uid import is_valid_uid
 from medclf_node.ingest.dicom_scan import ScanResult, scan_header
+from medclf_node.redact import describe
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def _mismatch(kept: Sequence[Header], rule: RuleSection) -> str | None:
         if parts and h.body_part_examined.upper() not in parts:
             return f"BodyPartExamined {h.body_part_examined or '(none)'} not in {sorted(parts)}"
         if regex is not None and not regex.search(h.series_description):
-            return f"SeriesDescription {h.series_description!r} does not match /{regex.pattern}/"
+            return f"SeriesDescription {describe(h.series_description)} does not match /{regex.pattern}/"
     n_slices = sum(h.number_of_frames for h in kept)
     if n_slices < rule.min_slices:
         return f"{n_slices} slice(s) < min_slices {rule.min_slices}"

@@ -35,6 +35,7 @@ from pydicom.tag import Tag
 from medclf_node.config import LimitsSection
 from medclf_node.dicom_uid import is_valid_uid
 from medclf_node.ingest.index import Index, InstanceRecord, RecordOutcome
+from medclf_node.redact import describe, scrub
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def parse_header(data: bytes) -> Header:
     values, ints = scanned if scanned is not None else _parse_with_pydicom(data)
     for key, value in values.items():
         if not is_valid_uid(value.strip("\x00 ")):
-            raise StoreError(STATUS_CANNOT_UNDERSTAND, f"{key} missing or not a valid UID: {value[:80]!r}")
+            raise StoreError(STATUS_CANNOT_UNDERSTAND, f"{key} missing or not a valid UID: {describe(value)}")
     return Header(
         **{k: v.strip("\x00 ") for k, v in values.items()},
         rows=ints["rows"],
@@ -268,7 +269,7 @@ def _parse_with_pydicom(data: bytes) -> tuple[dict[str, str], dict[str, int]]:
         }
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser failure means "cannot understand"
         # (fuzzing found struct.error and pydicom's BytesLengthException besides the obvious ones)
-        raise StoreError(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from exc
+        raise StoreError(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {scrub(str(exc))}") from exc
     ints = {
         "rows": _header_int(ds, "Rows", 0),
         "columns": _header_int(ds, "Columns", 0),
@@ -353,7 +354,7 @@ class Spool:
         """The final path of an instance (UIDs already validated by :func:`parse_header`)."""
         for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
             if not is_valid_uid(uid):  # defence in depth: never build a path from an invalid UID
-                raise StoreError(STATUS_CANNOT_UNDERSTAND, f"not a valid UID: {uid[:80]!r}")
+                raise StoreError(STATUS_CANNOT_UNDERSTAND, f"not a valid UID: {describe(uid)}")
         return self.root / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.dcm"
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -387,7 +388,7 @@ class Spool:
             raise StoreError(STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}") from exc
         except Exception as exc:  # noqa: BLE001 - mapped to a DICOM status, the node keeps serving
             log.exception("unexpected error storing %s", target.name)
-            raise StoreError(STATUS_UNEXPECTED, f"unexpected error: {exc}") from exc
+            raise StoreError(STATUS_UNEXPECTED, f"unexpected error: {scrub(str(exc))}") from exc
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
             series_uid=header.series_uid,

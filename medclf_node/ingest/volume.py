@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ from scipy import ndimage
 
 from medclf_node.config import LimitsSection, VolumeSection
 from medclf_node.domain import SliceRef, Volume
+from medclf_node.ingest import codec_headers
 from medclf_node.ingest.volume_headers import ERROR_CODES, SliceHeader, VolumeError, read_slice_headers
+from medclf_node.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +483,7 @@ def _read_decoded(
     dst_rows: Sequence[tuple[npt.NDArray[np.float32], SliceHeader]], path: Path
 ) -> None:
     """Decode the needed frames of one file through pydicom's pixel handlers."""
+    _check_codec_headers(dst_rows, path)
     try:
         first = dst_rows[0][1]
         if first.has_modality_lut:
@@ -498,6 +502,32 @@ def _read_decoded(
         raise
     except Exception as exc:  # any decoder failure: refuse the series, never crash the worker
         raise VolumeError("decode_failed", f"cannot decode the pixels of {path.name}: {exc}") from exc
+
+
+def _check_codec_headers(dst_rows: Sequence[tuple[npt.NDArray[np.float32], SliceHeader]], path: Path) -> None:
+    """Refuse ('codec_mismatch') a JPEG / JPEG-LS / JPEG 2000 frame whose own header disagrees with
+    the DICOM header, before a decoder allocates what the codestream claims (a decompression bomb)."""
+    first = dst_rows[0][1]
+    if first.transfer_syntax not in codec_headers.CHECKED:
+        return
+    wanted = [h.frame_index or 0 for _, h in dst_rows]
+    try:
+        frames = list(codec_headers.encapsulated_frames(path, wanted, first.number_of_frames))
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: the decoder would not get further
+        raise VolumeError("decode_failed", f"cannot split the frames of {path.name}: {type(exc).__name__}") from exc
+    if len(frames) != len(set(wanted)):
+        raise VolumeError("decode_failed", f"{path.name}: {len(frames)} of {len(set(wanted))} frames found")
+    for index, frame in frames:
+        try:
+            geometry = codec_headers.frame_geometry(frame, first.transfer_syntax)
+        except (codec_headers.CodecHeaderError, struct.error) as exc:
+            raise VolumeError("decode_failed", f"{path.name} frame {index + 1}: no readable codec header "
+                              f"({scrub(str(exc))}); not decoded") from exc
+        why = codec_headers.disagreement(geometry, first.rows, first.columns, first.samples_per_pixel,
+                                         first.bits_allocated)
+        if why is not None:
+            log.warning("volume: %s frame %d refused before decoding: codec header says %s", path.name, index + 1, why)
+            raise VolumeError("codec_mismatch", f"{path.name} frame {index + 1}: codec header says {why}; not decoded")
 
 
 def _load_pixels(

@@ -23,6 +23,7 @@ from pydicom.uid import UID
 
 from medclf_node.domain import SliceRef
 from medclf_node.ingest.dicom_scan import ScanResult, scan_header
+from medclf_node.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ ERROR_CODES = (
     "no_pixels",  # an instance without Pixel Data
     "unsupported_pixels",  # colour or other non-greyscale images
     "decode_failed",  # truncated or undecodable pixel data
+    "codec_mismatch",  # a compressed frame's own header disagrees with Rows/Columns/Samples/BitsAllocated
     "too_few_slices",  # fewer distinct positions than volume.min_slices
     "too_large",  # Rows x Columns (x frames) over [limits]; checked from headers before decoding
 )
@@ -377,7 +379,7 @@ def read_header_with_pydicom(path: Path) -> list[SliceHeader]:
     try:
         ds = pydicom.dcmread(path, defer_size=256, force=True)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise VolumeError("unreadable", f"cannot read the DICOM header of {path.name}: {exc}") from exc
+        raise VolumeError("unreadable", f"cannot read the DICOM header of {path.name}: {scrub(str(exc))}") from exc
     if SOP_INSTANCE not in ds:
         raise VolumeError("unreadable", f"{path.name} is not a DICOM instance (no SOP Instance UID)")
     return _headers_from_dataset(path, ds)

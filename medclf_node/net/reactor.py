@@ -67,6 +67,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 from medclf_node.net import part10
 from medclf_node.net.fast_store import StoreRequest, decode_store_request, split_pdvs, store_response_pdu
 from medclf_node.net.store_rsp import FastStoreResponseDIMSE
+from medclf_node.redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,26 @@ class BulkRecvSocket(AssociationSocket):
     make the node allocate 4 GiB.
     """
 
+    #: bytes the pre-association gate already read (the A-ASSOCIATE-RQ), served before the socket's
+    prefetched: bytes = b""
+
+    @property
+    def ready(self) -> bool:
+        """Stock ``ready``, or True while gate-prefetched bytes wait (``select()`` cannot see them)."""
+        if self.prefetched and self.socket is not None:
+            return True
+        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
         buf = bytearray(min(nr_bytes, RECV_FIRST_ALLOCATION))
         got = 0
+        if self.prefetched:
+            head, self.prefetched = self.prefetched[:nr_bytes], self.prefetched[nr_bytes:]
+            got = len(head)
+            if got > len(buf):
+                buf.extend(bytes(got - len(buf)))
+            buf[:got] = head
         while got < nr_bytes:
             if got == len(buf):
                 buf.extend(bytes(min(len(buf), nr_bytes - got)))
@@ -175,6 +192,8 @@ class WakeableDUL(DULServiceProvider):
         """Block until the peer sent data, another thread queued work, or IDLE_WAIT passed."""
         if not self.event_queue.empty() or not self.to_provider_queue.empty() or self._kill_thread:
             return
+        if getattr(self.socket, "prefetched", b""):
+            return  # the gate's A-ASSOCIATE-RQ bytes wait in the socket wrapper
         sock = self.socket.socket if self.socket is not None else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes already buffered; select() cannot see them
@@ -223,7 +242,7 @@ class WakeableDUL(DULServiceProvider):
             pdu, event = self._decode_pdu(bytearray(header) + body)
             self.event_queue.put(event)
         except Exception as exc:  # noqa: BLE001 - as pynetdicom: undecodable PDU -> Evt19
-            log.error("Unable to decode the received PDU data: %s", exc)
+            log.error("Unable to decode the received PDU data: %s", scrub(str(exc)))
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
@@ -424,7 +443,7 @@ class WakeableDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                log.error("exception in the DUL reactor, aborting association: %s", exc)
+                log.error("exception in the DUL reactor, aborting association: %s", scrub(str(exc)))
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -496,6 +515,15 @@ class WakeableAssociation(Association):
     def kill(self) -> None:
         self._wake.set()
         super().kill()
+
+    def run(self) -> None:
+        """The thread: pynetdicom's reactor, then the association slot (gate.py) is given back."""
+        try:
+            super().run()
+        finally:
+            ticket = getattr(self, "_ticket", None)
+            if ticket is not None:
+                ticket.release()
 
     # --- pynetdicom 3.0.4 Association._run_reactor, time.sleep(0.001) -> wait for the DUL
     def _run_reactor(self) -> None:
@@ -573,6 +601,12 @@ class WakeableRequestHandler(RequestHandler):
         assoc.name = f"AcceptorThread@{timestamp}"
 
         sock = BulkRecvSocket(assoc, client_socket=cast(socket.socket, self.request))
+        take = getattr(self.server, "take_prefetched", None)
+        if take is not None:  # the gate read the A-ASSOCIATE-RQ and took a slot for this connection
+            sock.prefetched, ticket = take(self.request)
+            if ticket is not None:
+                ticket.owner = assoc
+                assoc._ticket = ticket  # type: ignore[attr-defined]
         assoc.set_socket(sock)
 
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size

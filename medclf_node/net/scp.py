@@ -57,6 +57,8 @@ from medclf_node.config import Config
 from medclf_node.ingest.spool import STATUS_OUT_OF_RESOURCES, STATUS_UNEXPECTED, Spool, StoreError
 from medclf_node.net import part10, reactor
 from medclf_node.net.fast_store import StoreRequest
+from medclf_node.net.gate import AssociationGate
+from medclf_node.net.slots import AssociationSlots, Ticket
 from medclf_node.net.tls import server_context
 from medclf_node.retention import DiskWatermark
 from medclf_node.telemetry import Telemetry
@@ -98,18 +100,29 @@ class AssociationListener(Protocol):
 class NoDelayServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY on every accepted socket.
 
-    With TLS, the handshake runs in the connection's own thread (pynetdicom does it in the
-    acceptor, where one silent client would stop every other connection from being accepted).
+    With a :class:`~medclf_node.net.gate.AssociationGate` (:attr:`gate`), an accepted connection
+    gets no thread: the gate holds it (TLS handshake included) until a complete A-ASSOCIATE-RQ
+    arrived and a slot is free, then :meth:`start_association` starts pynetdicom's thread with the
+    PDU already read.  Without one (stock pynetdicom reactors), the TLS handshake runs in the
+    connection's own thread (pynetdicom does it in the acceptor, where one silent client would
+    stop every other connection from being accepted).
     """
 
     # socketserver's default listen backlog is 5: a PACS opening many associations at once, or a
     # burst of broken connections while the acceptor thread waits for the GIL, overflows it and
     # the kernel drops SYNs (the peer retries after 1 s, 3 s, ... and may give up).
-    request_queue_size = 128
+    request_queue_size = 1024
+    #: the pre-association stage; None: every connection gets its thread at once (stock)
+    gate: AssociationGate | None = None
     #: read by reactor.WakeableDUL: the C-STORE fast path's handler (None: pynetdicom's path only)
     fast_store: reactor.FastStoreHandler | None = None
     #: larger C-STORE data sets are counted, not held, and refused with 0xA700 (limits.max_instance_bytes)
     fast_store_max_bytes: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._prefetch_lock = threading.Lock()
+        self._prefetched: dict[int, tuple[bytes, Ticket | None]] = {}
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -121,8 +134,43 @@ class NoDelayServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.gate is not None:
+            self.gate.submit(request, client_address)
+        else:
+            super().process_request(request, client_address)
+
+    def start_association(self, sock: socket.socket, address: Any, rq_pdu: bytes, ticket: Ticket) -> None:
+        """The gate's hand-off: pynetdicom's thread for ``sock``, whose A-ASSOCIATE-RQ was read already."""
+        sock.settimeout(self.ae.network_timeout)
+        with self._prefetch_lock:
+            self._prefetched[id(sock)] = (rq_pdu, ticket)
+        try:
+            super().process_request(sock, address)
+        except BaseException:
+            with self._prefetch_lock:
+                self._prefetched.pop(id(sock), None)
+            raise
+
+    def take_prefetched(self, sock: Any) -> tuple[bytes, Ticket | None]:
+        """What the gate read from ``sock`` and the slot it took (reactor.WakeableRequestHandler asks)."""
+        with self._prefetch_lock:
+            return self._prefetched.pop(id(sock), (b"", None))
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
+        with self._prefetch_lock:
+            ticket = self._prefetched.get(id(request), (b"", None))[1]
+        try:
+            self._process_request_thread(request, client_address)
+        finally:
+            with self._prefetch_lock:
+                self._prefetched.pop(id(request), None)
+            # the association thread gives the slot back when it ends; if none started, here
+            if ticket is not None and getattr(ticket.owner, "ident", None) is None:
+                ticket.release()
+
+    def _process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.gate is None and isinstance(request, ssl.SSLSocket):
             try:
                 request.do_handshake()
             except (OSError, ValueError) as exc:  # plain TCP, wrong CA, no client certificate, timeout
@@ -184,6 +232,9 @@ class StoreSCP:
         self._ids_lock = threading.Lock()
         self._counter = itertools.count(1)
         self._boot = f"{int(time.time()):x}"
+        # the pre-association gate needs our request handler (it hands over the A-ASSOCIATE-RQ bytes)
+        self._gated = reactor.supported()
+        self._gate: AssociationGate | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -194,7 +245,8 @@ class StoreSCP:
         ae.maximum_pdu_size = self.cfg.node.max_pdu
         limits = self.cfg.limits
         # More than maximum_associations: A-ASSOCIATE-RJ (2, 3, 2) "local limit exceeded", transient.
-        ae.maximum_associations = limits.max_associations
+        # (with the gate, AssociationSlots counts instead: pynetdicom's count includes ending threads)
+        ae.maximum_associations = limits.max_associations if not self._gated else 1 << 30
         # Silent peers (idle association, connection without A-ASSOCIATE-RQ) are aborted after this.
         ae.network_timeout = limits.idle_timeout_seconds
         ae.acse_timeout = limits.idle_timeout_seconds
@@ -227,11 +279,33 @@ class StoreSCP:
         ))
         server.fast_store = self._fast_store if self.fast_path else None
         server.fast_store_max_bytes = self.cfg.limits.max_instance_bytes
+        if self._gated:
+            server.gate = self._gate = self._make_gate(server)
+            self._gate.start()
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
         self._thread = threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True)
         self._thread.start()
         return self.port
+
+    def _make_gate(self, server: NoDelayServer) -> AssociationGate:
+        limits = self.cfg.limits
+        slots = AssociationSlots(limits.max_associations, limits.max_associations_per_host,
+                                 limits.max_associations_per_ae)
+        return AssociationGate(
+            slots, server.start_association,
+            artim_seconds=min(limits.artim_timeout_seconds, limits.idle_timeout_seconds),
+            max_pending=limits.max_pending_connections, max_rq_bytes=limits.max_associate_rq_bytes,
+            refused=self._on_refused, counted=self._on_gate_outcome,
+        )
+
+    def _on_gate_outcome(self, outcome: str) -> None:
+        self.telemetry.metrics.gate_connections.labels(outcome=outcome).inc()
+
+    @property
+    def gate(self) -> AssociationGate | None:
+        """The pre-association stage (None with stock pynetdicom reactors)."""
+        return self._gate
 
     @property
     def port(self) -> int:
@@ -242,6 +316,9 @@ class StoreSCP:
     def stop(self) -> None:
         if self._server is None:
             return
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
         for assoc in list(self._server.active_associations):
             assoc.abort()
         self._server.shutdown()
@@ -289,6 +366,13 @@ class StoreSCP:
             assoc.acse.send_reject(*reason)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
+
+    def _on_refused(self, address: Any, calling: str, called: str, code: str) -> None:
+        """The gate refused an A-ASSOCIATE-RQ because a cap was reached (A-ASSOCIATE-RJ 2, 3, 2)."""
+        with self.telemetry.guard("association"):
+            self.telemetry.metrics.association(False, code)
+            self.telemetry.audit.association(accepted=False, calling_ae=calling, called_ae=called,
+                                             peer=f"{address[0]}:{address[1]}", reason=code)
 
     def _on_established(self, event: Event) -> None:
         log.debug("association %s established with %r", self._assoc_id(event.assoc),
