@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medclf_node.config import Config
 from medclf_node.domain import ModelResult, NodeIdentity, SliceRef, Volume
@@ -90,8 +90,8 @@ def read_series_files(paths: Sequence[Path]) -> SeriesFiles:
             # otherwise surface deep in reporting as an unexpected error (found by fuzzing).
             for _elem in ds.iterall():
                 pass
-        except (InvalidDicomError, OSError, EOFError, ValueError, NotImplementedError, KeyError, TypeError,
-                OverflowError) as exc:
+        except (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, NotImplementedError, KeyError,
+                TypeError, OverflowError) as exc:
             raise StageError("unreadable", f"cannot read the header of {path.name}: {type(exc).__name__}") from exc
         if "SOPInstanceUID" not in ds:
             raise StageError("unreadable", f"{path.name} has no SOP Instance UID")

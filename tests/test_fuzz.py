@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_faults_common import record
 
@@ -113,6 +113,8 @@ def _config(data: Path, models: Path) -> Config:
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(which=st.integers(0, SHAPE[0] - 1), muts=mutations)
+@example(which=0, muts=[("vr", 347, 4)])  # SpecificCharacterSet as UL: BytesLengthException, was internal_error
+@example(which=0, muts=[("vr", 701, 3)])  # ManufacturerModelName as US: an SR that could not be written
 def test_mutated_slice_ends_in_a_documented_outcome(world: World, which: int, muts: list[Mutation]) -> None:
     base, models, originals, registry, outcomes = world.base, world.models, world.originals, world.registry, \
         world.outcomes
