@@ -197,16 +197,24 @@ def running_orthanc(
 ) -> Iterator[Orthanc]:
     """Start Orthanc in the foreground with a generated config; always stopped (SIGTERM, then kill)."""
     require_orthanc()
+    cfg = orthanc_config(workdir, dicom_port=dicom_port, http_port=http_port, modalities=modalities or {})
+    with orthanc_with_config(workdir, cfg, dicom_port=dicom_port, http_port=http_port,
+                             start_timeout=start_timeout) as orthanc:
+        yield orthanc
+
+
+@contextmanager
+def orthanc_with_config(
+    workdir: Path, cfg: dict[str, Any], *, dicom_port: int, http_port: int, start_timeout: float = 30.0,
+) -> Iterator[Orthanc]:
+    """Orthanc in the foreground on ``cfg`` (written to ``workdir``), waited for, always stopped."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / "orthanc.json"
-    cfg = orthanc_config(workdir, dicom_port=dicom_port, http_port=http_port, modalities=modalities or {})
     cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
     log_path = workdir / "orthanc.log"
     with log_path.open("ab") as log_f:
         proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log_f, stderr=subprocess.STDOUT,
-                                cwd=str(workdir), env=env)
+                                cwd=str(workdir), env={**os.environ, "TCP_NODELAY": "1"})
     orthanc = Orthanc(proc, http_port, dicom_port, log_path)
     try:
         deadline = time.monotonic() + start_timeout

@@ -27,9 +27,7 @@ import mimetypes
 import os
 import shutil
 import signal
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orthanc import Orthanc, OrthancError, _alive, _stop, orthanc_config, orthanc_unavailable_reason, skip_or_fail
+from orthanc import Orthanc, orthanc_config, orthanc_unavailable_reason, orthanc_with_config, skip_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +115,11 @@ def running_orthanc_dicomweb(workdir: Path, *, dicom_port: int, http_port: int, 
     plugins); the caller checks :func:`viewer_unavailable_reason` first.  ``dicom=False`` turns
     Orthanc's DICOM server off (only REST/DICOMweb, which refuses remote clients).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_path = workdir / "orthanc.json"
     cfg = dicomweb_config(workdir, dicom_port=dicom_port, http_port=http_port)
     cfg["DicomServerEnabled"] = dicom
-    cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    log_path = workdir / "orthanc.log"
-    with log_path.open("ab") as log_f:
-        proc = subprocess.Popen(["Orthanc", str(cfg_path)], stdout=log_f, stderr=subprocess.STDOUT,
-                                cwd=str(workdir), env={**os.environ, "TCP_NODELAY": "1"})
-    orthanc = Orthanc(proc, http_port, dicom_port, log_path)
-    try:
-        deadline = time.monotonic() + start_timeout
-        while not _alive(orthanc.url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise OrthancError(f"Orthanc did not start (exit {proc.poll()}):\n{orthanc.log()[-4000:]}")
-            time.sleep(0.1)
+    with orthanc_with_config(workdir, cfg, dicom_port=dicom_port, http_port=http_port,
+                             start_timeout=start_timeout) as orthanc:
         yield orthanc
-    finally:
-        _stop(proc)
 
 
 # --- OHIF static server + DICOMweb proxy -----------------------------------------------------------
