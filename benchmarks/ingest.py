@@ -182,14 +182,14 @@ def durable_steps_ms(work: Path, data: bytes, n: int = 60) -> dict[str, float]:
 
     The same steps as ``Spool.store`` with durable writes: write a new temporary file, fsync it,
     rename it into place, fsync the directory, commit the index row (SQLite WAL, synchronous=FULL,
-    through the node's own :class:`Index`).  A single sender waits for each C-STORE response, so
+    through the node's own :class:`Store`).  A single sender waits for each C-STORE response, so
     their sum is a floor on the node's per-instance time with fsync; storescp does none of them.
     """
-    from medclf_node.ingest.index import Index, InstanceRecord
+    from medclf_node.store import InstanceRecord, SqliteStore
 
     d = work / "fsync-probe"
     d.mkdir()
-    index = Index(d, durable=True)
+    index = SqliteStore(d, durable=True)
     steps: dict[str, list[float]] = {k: [] for k in DURABLE_STEPS}
     try:
         for i in range(n):

@@ -202,10 +202,17 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """Table of series and their states."""
-    from medclf_node.ingest.index import Index
+    from medclf_node.store import StoreError, StoreMissing, open_store
 
     cfg = _load(args)
-    index = Index(cfg.node.data_dir)
+    try:
+        index = open_store(cfg, read_only=True)  # a query never creates or upgrades the store
+    except StoreMissing as exc:
+        print(f"(no series: {exc})")
+        return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         rows = index.list_series(states=args.state or None, limit=args.limit)
         print(f"{'series':<44} {'state':<10} {'n':>5} {'model(s)':<28} {'score':>6}  {'timings (s)':<30} reason")
@@ -226,13 +233,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Re-queue dead-lettered outbox items."""
-    from medclf_node.ingest.index import Index
+    from medclf_node.store import StoreError, StoreMissing, open_store
 
     cfg = _load(args)
     if not args.all and not args.series:
         print("give --all or one or more series UIDs", file=sys.stderr)
         return 2
-    index = Index(cfg.node.data_dir)
+    try:
+        open_store(cfg, read_only=True).close()  # exists? retry never creates a store
+        index = open_store(cfg)
+    except StoreMissing as exc:
+        print(f"re-queued 0 item(s): {exc}")
+        return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         n = index.requeue_dead(None if args.all else args.series)
     finally:

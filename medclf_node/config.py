@@ -353,6 +353,60 @@ class TlsSection(_Section):
         return self
 
 
+class StoreSection(_Section):
+    """Where the node keeps its durable state (instances, series, results, outbox)."""
+
+    backend: Literal["sqlite", "postgresql"] = Field(
+        "sqlite", description='"sqlite": one file in node.data_dir, for one node. "postgresql": a database '
+        "several nodes share (set dsn, node_id and shared_dir).",
+    )
+    dsn: str = Field(
+        "", description='PostgreSQL connection string (libpq, e.g. "host=db dbname=medclf user=medclf") or URI; '
+        "only for backend = \"postgresql\". Leave the password out and use PGPASSWORD or ~/.pgpass.",
+    )
+    node_id: str = Field(
+        "", description="This node's name in the shared store (its claims and leases carry it); unique per node. "
+        "Empty: the host name.",
+    )
+    shared_dir: Path | None = Field(
+        None, description="Directory for received instances and result objects that every node on the same "
+        "store can read and write (a shared volume); relative to the config file. Unset: node.data_dir.",
+    )
+    lease_seconds: float = Field(
+        60.0, ge=5, description="A claimed series is this node's for this long, renewed while it is processed; "
+        "when a node dies, another takes its series over after the lease runs out.",
+    )
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("a node id is 1-64 of A-Z a-z 0-9 _ . -")
+        return v
+
+    @model_validator(mode="after")
+    def _dsn(self) -> StoreSection:
+        if self.backend == "postgresql":
+            if not self.dsn.strip():
+                raise ValueError('store.dsn is required when store.backend = "postgresql"')
+            _check_dsn(self.dsn)
+        elif self.dsn:
+            raise ValueError('store.dsn is only used with store.backend = "postgresql"; remove it or set the backend')
+        return self
+
+
+def _check_dsn(dsn: str) -> None:
+    """The DSN parses (libpq syntax), so a typo fails at start-up naming the key, not at first use."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError('store.backend = "postgresql" needs psycopg: pip install "medclf-node[postgresql]"') from None
+    try:
+        conninfo_to_dict(dsn)
+    except Exception as exc:  # psycopg.ProgrammingError: the message says what is wrong
+        raise ValueError(f"store.dsn is not a valid PostgreSQL connection string: {str(exc).strip()}") from None
+
+
 class Config(_Section):
     """The whole node configuration."""
 
@@ -372,6 +426,7 @@ class Config(_Section):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     tls: TlsSection = Field(default_factory=TlsSection)
+    store: StoreSection = Field(default_factory=StoreSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -409,6 +464,18 @@ class Config(_Section):
             if p.ae_title == ae_title.strip():
                 return p
         return None
+
+    def files_dir(self) -> Path:
+        """Where instances and result objects live: ``store.shared_dir``, else ``node.data_dir``."""
+        return self.store.shared_dir if self.store.shared_dir is not None else self.node.data_dir
+
+    def node_id(self) -> str:
+        """``store.node_id``, else the host name (made a valid id)."""
+        if self.store.node_id:
+            return self.store.node_id
+        import socket
+
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "node"
 
     def audit_path(self) -> Path:
         """The audit log file: ``audit.path`` resolved against ``node.data_dir``."""
@@ -465,7 +532,10 @@ def parse_config(data: dict[str, object], *, base_dir: Path | None = None, sourc
             models = models.model_copy(update={"directory": (base_dir / models.directory).resolve()})
         folders = [f if f.path.is_absolute() else f.model_copy(update={"path": (base_dir / f.path).resolve()})
                    for f in cfg.folders]
-        cfg = cfg.model_copy(update={"node": node, "models": models, "folders": folders})
+        store = cfg.store
+        if store.shared_dir is not None and not store.shared_dir.is_absolute():
+            store = store.model_copy(update={"shared_dir": (base_dir / store.shared_dir).resolve()})
+        cfg = cfg.model_copy(update={"node": node, "models": models, "folders": folders, "store": store})
         tls_paths = {
             k: (base_dir / v).resolve()
             for k, v in (("cert", cfg.tls.cert), ("key", cfg.tls.key), ("ca", cfg.tls.ca))

@@ -20,11 +20,11 @@ from pathlib import Path
 from pydicom import dcmread
 
 from medclf_node.config import DEFAULT_MODELS_DIR, Config, parse_config
-from medclf_node.ingest.index import Index
 from medclf_node.net.receiver import StoringReceiver
 from medclf_node.net.scu import Peer, send_files
 from medclf_node.node import build_node
 from medclf_node.reporting import sc_to_png
+from medclf_node.store import Store
 from medclf_node.synthetic.dicom_writer import write_ct_series
 from medclf_node.synthetic.phantoms import make_phantom
 
@@ -122,10 +122,10 @@ def run_demo(
                 say(f"sent {len(paths)} images of {patient_id}")
             expected = 2 * len(studies) if cfg.results.send_sr and cfg.results.send_sc else len(studies)
             if not receiver.wait_for(lambda r: len(r.counts) >= expected, timeout):
-                states = {s.series_uid: (s.state, s.reason_code) for s in node.index.list_series()}
+                states = {s.series_uid: (s.state, s.reason_code) for s in node.store.list_series()}
                 raise DemoError(f"results did not arrive within {timeout:.0f} s (series: {states})")
             elapsed = time.monotonic() - t0
-            return [_finding(node.index, receiver, out_dir, pid, truth, paths, elapsed)
+            return [_finding(node.store, receiver, out_dir, pid, truth, paths, elapsed)
                     for pid, truth, paths in studies]
         finally:
             if node is not None:
@@ -133,12 +133,12 @@ def run_demo(
             receiver.stop()
 
 
-def _finding(index: Index, receiver: StoringReceiver, out_dir: Path, patient_id: str, truth: int,
+def _finding(store: Store, receiver: StoringReceiver, out_dir: Path, patient_id: str, truth: int,
              paths: list[Path], elapsed: float) -> DemoFinding:
     series_uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
-    row = index.get_series(series_uid)
+    row = store.get_series(series_uid)
     state = row.state if row is not None else "unknown"
-    results = index.results(series_uid)
+    results = store.results(series_uid)
     sr_uid = sc_png = None
     for ds in receiver.datasets.values():
         if ds.get("PatientID") != patient_id:

@@ -1,10 +1,10 @@
-"""The running node: wires index, spool, listener, completion tracker, dispatcher and
+"""The running node: wires store, spool, listener, completion tracker, dispatcher and
 any further services (the pipeline's worker pool) together, and starts/stops them in order.
 
 Extension point for the pipeline: build the node, then ``node.add_service(obj)`` for any
 object with ``start()`` and ``stop()`` before calling :meth:`Node.start`.  Services are
-started after the index is ready and the listener is up, and stopped in reverse order
-before the listener closes.  ``node.index`` is the shared :class:`Index`; the event
+started after the store is ready and the listener is up, and stopped in reverse order
+before the listener closes.  ``node.store`` is the shared :class:`~medclf_node.store.Store`; the event
 ``node.series_completed`` is set whenever a series becomes complete (workers may wait on
 it instead of sleeping for their whole poll interval; they must ``clear()`` it).
 """
@@ -20,7 +20,6 @@ from typing import Protocol
 from medclf_node.audit import open_audit_log
 from medclf_node.config import Config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import SERIES_STATES, Index
 from medclf_node.ingest.series import CompletionTracker
 from medclf_node.ingest.spool import Spool
 from medclf_node.metrics import Metrics, MetricsServer, readiness_checks, start_metrics_server
@@ -29,6 +28,7 @@ from medclf_node.outbox import Dispatcher
 from medclf_node.pipeline import Pipeline, WorkerPool
 from medclf_node.reporting import warm_up as warm_up_reporting
 from medclf_node.retention import DiskWatermark, RetentionPolicy, RetentionService
+from medclf_node.store import SERIES_STATES, Store, open_store
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -53,25 +53,26 @@ class Node:
         self.data_dir = Path(cfg.node.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         durable = cfg.node.durable_writes
-        self.index = Index(self.data_dir, late_instances=cfg.completion.late_instances, durable=durable)
-        self.spool = Spool(self.data_dir, self.index, durable=durable, limits=cfg.limits)
+        self.files_dir = cfg.files_dir()
+        self.store: Store = open_store(cfg)
+        self.spool = Spool(self.files_dir, self.store, durable=durable, limits=cfg.limits)
         self.series_completed = threading.Event()
         self.telemetry = Telemetry(
             Metrics(series_states=SERIES_STATES),
             open_audit_log(cfg.audit.enabled, cfg.audit_path(), fsync=cfg.audit.fsync),
         )
-        self.telemetry.metrics.watch_series_states(self.index.series_counts)
-        self.telemetry.metrics.watch_outbox_depth(self.index.outbox_depth)
+        self.telemetry.metrics.watch_series_states(self.store.series_counts)
+        self.telemetry.metrics.watch_outbox_depth(self.store.outbox_depth)
         self.telemetry.metrics.watch_free_disk(self.data_dir)
-        self.tracker = CompletionTracker(self.index, cfg.completion, on_complete=self._series_complete)
+        self.tracker = CompletionTracker(self.store, cfg.completion, on_complete=self._series_complete)
         watermark = DiskWatermark(self.data_dir, cfg.retention.min_free_disk_mb)
         self.scp = StoreSCP(cfg, self.spool, self.tracker, telemetry=self.telemetry, watermark=watermark)
-        self.dispatcher = Dispatcher(cfg, self.index, telemetry=self.telemetry)
+        self.dispatcher = Dispatcher(cfg, self.store, telemetry=self.telemetry)
         # Not ready while models load (k8s keeps traffic away); a store-only node needs none.
         self._models_ready = not cfg.pipeline.enabled
         self._health: MetricsServer | None = None
         self._services: list[Service] = [
-            RetentionService(self.index, self.data_dir,
+            RetentionService(self.store, self.files_dir,
                              RetentionPolicy(cfg.retention.spool_days, cfg.retention.delete_after_sent))
         ]
         self._started: list[Service] = []
@@ -81,7 +82,7 @@ class Node:
         """Serve /metrics, /healthz and /readyz (once); before models load, /readyz says not ready."""
         if self._health is not None:
             return
-        checks = readiness_checks(self.data_dir, index_ping=self.index.ping, models_loaded=lambda: self._models_ready)
+        checks = readiness_checks(self.data_dir, index_ping=self.store.ping, models_loaded=lambda: self._models_ready)
         self._health = start_metrics_server(self.cfg.metrics, self.telemetry.metrics, checks,
                                             port_file=self.data_dir / METRICS_PORT_FILENAME)
         if self._health is not None:
@@ -89,7 +90,7 @@ class Node:
 
     def attach_models(self, registry: ModelRegistry) -> None:
         """Run the pipeline with these loaded models; the node reports ready from now on."""
-        pipeline = Pipeline(self.cfg, self.index, registry, on_queued=self.dispatcher.wake, telemetry=self.telemetry)
+        pipeline = Pipeline(self.cfg, self.store, registry, on_queued=self.dispatcher.wake, telemetry=self.telemetry)
         self.add_service(WorkerPool(pipeline, workers=self.cfg.pipeline.workers,
                                     poll_seconds=self.cfg.pipeline.poll_seconds, wake=self.series_completed))
         self.telemetry.metrics.models_loaded.set(len(registry.names()))
@@ -98,7 +99,7 @@ class Node:
     def _series_complete(self, series_uid: str) -> None:
         """Wake the workers; record the completion (how, after how long) in metrics and audit."""
         self.series_completed.set()
-        row = self.index.get_series(series_uid)
+        row = self.store.get_series(series_uid)
         if row is None:
             return
         with self.telemetry.guard("completion"):
@@ -114,8 +115,10 @@ class Node:
 
     def start(self) -> int:
         """Recover from any crash, start everything; returns the listening port."""
-        self.spool.remove_leftover_tmp_files()
-        self.index.reset_processing_on_startup()
+        # a shared spool: another node's files being written now are young; only old leftovers go
+        shared = self.files_dir != self.data_dir
+        self.spool.remove_leftover_tmp_files(min_age_seconds=3600.0 if shared else 0.0)
+        self.store.reset_processing_on_startup()
         self.tracker.start()
         self._started.append(self.tracker)
         self.port = self.scp.start()
@@ -140,7 +143,7 @@ class Node:
         os.replace(tmp, path)
 
     def stop(self) -> None:
-        """Stop accepting, stop services in reverse order, close the index."""
+        """Stop accepting, stop services in reverse order, close the store."""
         log.info("stopping")
         self.scp.stop()
         while self._started:
@@ -153,7 +156,7 @@ class Node:
             (self.data_dir / PORT_FILENAME).unlink(missing_ok=True)
         except OSError:
             pass
-        self.index.close()
+        self.store.close()
         self.telemetry.audit.close()
         log.info("stopped")
 

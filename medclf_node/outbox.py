@@ -1,10 +1,11 @@
 """Durable delivery of result objects: the outbox dispatcher.
 
-Items live in the index's ``outbox`` table (written by the pipeline with
-:meth:`Index.enqueue_outbox` after the object file is on disk).  The dispatcher:
+Items live in the store's outbox (written by the pipeline with
+:meth:`Store.enqueue_outbox` after the object file is on disk).  The dispatcher:
 
 * polls for due items (``state='queued'`` and ``next_attempt_at <= now``) every
-  ``poll_seconds`` or when :meth:`Dispatcher.wake` is called;
+  ``poll_seconds`` or when :meth:`Dispatcher.wake` is called, and claims them
+  (:meth:`Store.claim_outbox`), so nodes sharing one store never send an item twice at once;
 * resolves the destination: a peer name, a ``[[folders]]`` name (written to a directory by
   :mod:`medclf_node.folder_destination`), or ``"sender"`` = the peer whose AE title is the
   calling AE of the item's series (no such peer: the item is dead-lettered at once, with
@@ -16,7 +17,7 @@ Items live in the index's ``outbox`` table (written by the pipeline with
   failed attempts the item is ``dead`` (``medclf-node retry`` re-queues it).
 
 Delivery is at-least-once at the protocol level, but result UIDs are deterministic, so a
-resend after a crash between "peer said Success" and "index says sent" is a duplicate the
+resend after a crash between "peer said Success" and "store says sent" is a duplicate the
 PACS recognises rather than a second report.
 """
 
@@ -30,9 +31,9 @@ from pathlib import Path
 
 from medclf_node.config import Config, FolderSection
 from medclf_node.folder_destination import deliver
-from medclf_node.ingest.index import Index, OutboxItem
 from medclf_node.net.scu import Peer, SendError, send_files
 from medclf_node.net.tls import client_context
+from medclf_node.store import OutboxItem, Store
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,10 @@ class Dispatcher:
     """Sends due outbox items; ``start()``/``stop()`` run it as a node service."""
 
     def __init__(
-        self, cfg: Config, index: Index, *, poll_seconds: float = 0.5, telemetry: Telemetry | None = None
+        self, cfg: Config, store: Store, *, poll_seconds: float = 0.5, telemetry: Telemetry | None = None
     ) -> None:
         self.cfg = cfg
-        self.index = index
+        self.store = store
         self.telemetry = telemetry or Telemetry.disabled()
         self.poll_seconds = poll_seconds
         self._wake = threading.Event()
@@ -116,7 +117,7 @@ class Dispatcher:
             self._thread = None
         for w in self._workers.values():
             w.queue.put(None)
-        # items still in flight stay 'queued' in the index and are sent again after a restart
+        # items still in flight stay 'queued' in the store and are sent again after a restart
         deadline = time.monotonic() + min(5.0, self.cfg.dispatch.timeout_seconds)
         for w in self._workers.values():
             w.thread.join(timeout=max(0.1, deadline - time.monotonic()))
@@ -126,7 +127,9 @@ class Dispatcher:
         """Hand every due item not already in flight to its destination's worker; returns how many."""
         t = time.time() if now is None else now
         n = 0
-        for item in self.index.due_outbox(t, limit=500):
+        # claimed, not just read: nodes sharing the store never send one item at the same time
+        lease = max(120.0, 4 * self.cfg.dispatch.timeout_seconds)
+        for item in self.store.claim_outbox(t, limit=500, lease_seconds=lease):
             with self._lock:
                 if item.id in self._in_flight:
                     continue
@@ -159,14 +162,14 @@ class Dispatcher:
         if folder is not None:
             return folder.name, folder
         if item.destination == "sender":
-            series = self.index.get_series(item.series_uid)
+            series = self.store.get_series(item.series_uid)
             calling = series.calling_ae if series is not None else "?"
             p = self.cfg.peer_by_ae_title(calling)
             if p is None:
                 why = (f'destination "sender": no [[peers]] entry has AE title {calling!r} '
                        "(the series' calling AE); add one and run `medclf-node retry`")
                 log.error("%s %s: %s", item.kind, item.object_uid, why)
-                self.index.mark_dead(item.id, why)
+                self.store.mark_dead(item.id, why)
                 return None
         else:
             try:
@@ -174,7 +177,7 @@ class Dispatcher:
             except KeyError:
                 why = f"destination {item.destination!r} is not a configured peer or folder"
                 log.error("%s %s: %s", item.kind, item.object_uid, why)
-                self.index.mark_dead(item.id, why)
+                self.store.mark_dead(item.id, why)
                 return None
         return p.name, Peer(p.ae_title, p.host, p.port, tls=client_context(self.cfg.tls) if p.tls else None)
 
@@ -185,12 +188,12 @@ class Dispatcher:
 
     def _send_batch(self, target: Target, batch: list[OutboxItem]) -> None:
         d = self.cfg.dispatch
-        data_dir = Path(self.cfg.node.data_dir)
+        data_dir = self.cfg.files_dir()
         sendable: list[tuple[OutboxItem, Path]] = []
         for item in batch:
             path = data_dir / item.path
             if not path.is_file():
-                self.index.mark_dead(item.id, f"object file missing: {item.path}")
+                self.store.mark_dead(item.id, f"object file missing: {item.path}")
                 log.error("%s %s: object file %s is missing; dead-lettered", item.kind, item.object_uid, item.path)
                 continue
             sendable.append((item, path))
@@ -212,14 +215,14 @@ class Dispatcher:
         for (item, _), err in zip(sendable, errors, strict=True):
             attempts = item.attempts + 1
             if err is None:
-                self.index.mark_sent(item.id)
+                self.store.mark_sent(item.id)
                 log.info("sent %s %s to %s", item.kind, item.object_uid, label)
                 with tm.guard("sent"):
                     tm.audit.result_object("sent", object_uid=item.object_uid, destination=item.destination,
                                            series_uid=item.series_uid, kind=item.kind, attempts=attempts)
                 continue
             delay = backoff_seconds(attempts, d.initial_backoff_seconds, d.max_backoff_seconds)
-            state = self.index.mark_failed_attempt(item.id, err, now + delay, d.max_attempts)
+            state = self.store.mark_failed_attempt(item.id, err, now + delay, d.max_attempts)
             with tm.guard("failure"):
                 tm.metrics.dispatch_failures.labels(destination=item.destination).inc()
                 if state == "dead":

@@ -2,7 +2,7 @@
 
 Each stage lives in its own module (``ingest.selection``, ``ingest.volume``,
 ``inference``, ``reporting``); this module calls them in order, records every state change
-in the index and turns failures into precise, patient-data-free reasons:
+in the store and turns failures into precise, patient-data-free reasons:
 
 * no rule selects the series           -> ``skipped`` (reason_code ``no_rule``)
 * a selected model is not loaded       -> ``failed``  (``model_unavailable``)
@@ -10,14 +10,15 @@ in the index and turns failures into precise, patient-data-free reasons:
 * a header cannot be read              -> ``failed``  (``unreadable``)
 * anything unexpected                  -> ``failed``  (``internal_error``), logged with traceback
 
-Result objects are written durably under ``data_dir/outbox/`` *before* they are queued,
+Result objects are written durably under ``outbox/`` of the files directory (``store.shared_dir``,
+else ``node.data_dir``) *before* they are queued,
 so a crash after this point loses nothing; a crash before it re-runs the series on restart
-(``Index.reset_processing_on_startup``) and produces the same UIDs.
+(``Store.reset_processing_on_startup``) and produces the same UIDs.
 
 A series re-opened by a late instance while we worked has a newer ``generation``; our
-state update is then refused by the index, objects not yet queued are dropped, and the newer
+state update is then refused by the store, objects not yet queued are dropped, and the newer
 generation is processed later.  Each generation's objects carry their own UIDs and version
-(:class:`~medclf_node.reporting.uids.ResultVersion`, looked up in the index's ``reports``).
+(:class:`~medclf_node.reporting.uids.ResultVersion`, looked up in the store's ``reports``).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from medclf_node.config import Config
 from medclf_node.domain import ModelResult, NodeIdentity, SliceRef, Volume
 from medclf_node.inference.predict import predict_series
 from medclf_node.inference.registry import LoadedModel
-from medclf_node.ingest.index import Index, ReportRecord, SeriesRow
 from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
 from medclf_node.redact import scrub
 from medclf_node.reporting import build_sc, build_sr, result_uids, slice_info_from_volume, slice_orientation
 from medclf_node.reporting.uids import Predecessor, ResultVersion, label_version
+from medclf_node.store import ReportRecord, SeriesRow, Store
+from medclf_node.store.leases import LeaseKeeper
 from medclf_node.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -129,14 +131,14 @@ class Pipeline:
     def __init__(
         self,
         cfg: Config,
-        index: Index,
+        store: Store,
         models: ModelProvider,
         *,
         on_queued: Callable[[], None] | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.cfg = cfg
-        self.index = index
+        self.store = store
         self.models = models
         self.on_queued = on_queued or (lambda: None)
         self.telemetry = telemetry or Telemetry.disabled()
@@ -145,7 +147,8 @@ class Pipeline:
             device_name=cfg.node.ae_title,
             institution_name=cfg.results.institution_name,
         )
-        self.outbox_dir = Path(cfg.node.data_dir) / OUTBOX_DIRNAME
+        self.files_dir = cfg.files_dir()
+        self.outbox_dir = self.files_dir / OUTBOX_DIRNAME
         self.durable = cfg.node.durable_writes
 
     # --- one series ------------------------------------------------------------------------
@@ -166,11 +169,13 @@ class Pipeline:
             log.exception("series %s: unexpected error", uid)
         timings["total"] = round(time.perf_counter() - t0, 3)
         text = scrub(text) if text else text  # exception texts quote values; no patient data in the index or audit
-        changed = self.index.set_series_state(
-            uid, state, code, text, generation=gen, rule=rule, timings=timings  # type: ignore[arg-type]
+        changed = self.store.set_series_state(
+            uid, state, code, text, generation=gen, rule=rule, timings=timings,  # type: ignore[arg-type]
+            holder=row.worker,
         )
         if not changed:
-            log.info("series %s was re-opened by a late instance while processing; it will run again", uid)
+            log.info("series %s was re-opened by a late instance (or its lease taken over) while processing; "
+                     "the newer claim decides", uid)
         else:
             log.info("series %s -> %s%s (%.2f s)", uid, state, f" [{code}]" if code else "", timings["total"])
             self._observe(row, state, code, text, rule, timings)
@@ -190,14 +195,14 @@ class Pipeline:
                 tm.audit.series("skipped" if state == "skipped" else "failed", series_uid=row.series_uid,
                                 study_uid=row.study_uid, reason_code=code, reason=text, rule=rule,
                                 generation=row.generation)
-            for r in self.index.results(row.series_uid) if state == "reported" else []:
+            for r in self.store.results(row.series_uid) if state == "reported" else []:
                 tm.audit.model_run(series_uid=row.series_uid, study_uid=row.study_uid, model=r.model_name,
                                    version=r.model_version, score=r.probability, positive=r.positive,
                                    seconds=r.timings.get("inference"), generation=row.generation)
 
     def _run(self, row: SeriesRow, timings: dict[str, float]) -> tuple[str, str | None, str | None, str | None]:
         uid, gen = row.series_uid, row.generation
-        paths = self.index.series_paths(uid)
+        paths = self.store.series_paths(uid)
         if not paths:
             raise StageError("no_instances", "the series has no stored instances")
         t = time.perf_counter()
@@ -221,7 +226,7 @@ class Pipeline:
             t = time.perf_counter()
             self._report(row, volume, sources, position, result)
             timings[f"report:{name}"] = round(time.perf_counter() - t, 3)
-            self.index.record_result(
+            self.store.record_result(
                 uid,
                 result.model_name,
                 result.model_version,
@@ -283,22 +288,22 @@ class Pipeline:
             record = ReportRecord(sop_uid, row.series_uid, result.model_name, kind, row.generation, v.number,
                                   str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
                                   v.predecessor.sop_instance_uid if v.predecessor else None)
-            if not self.index.record_report(record, generation=row.generation):
+            if not self.store.record_report(record, generation=row.generation):
                 log.info("series %s: generation %d was re-opened by late instances; its %s is not sent",
                          row.series_uid, row.generation, kind)
                 continue
             path = folder / f"{sop_uid}.dcm"
             write_atomic(path, encode(ds), durable=self.durable)
-            rel = path.relative_to(self.cfg.node.data_dir).as_posix()
+            rel = path.relative_to(self.files_dir).as_posix()
             for dest in self.cfg.results.destinations:
                 # same UID = same generation = same content: what was sent stays sent
-                self.index.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel)  # type: ignore[arg-type]
+                self.store.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel)  # type: ignore[arg-type]
 
     def _version(self, row: SeriesRow, result: ModelResult, kind: Literal["SR", "SC"]) -> ResultVersion:
         """The version the ``kind`` object of this generation is (the same again on a re-run)."""
         uid = result_uids(row.series_uid, result.model_name, result.model_version,
                           "sr" if kind == "SR" else "sc", generation=row.generation).sop_instance_uid
-        number, prev = self.index.report_version(row.series_uid, result.model_name, kind, uid)
+        number, prev = self.store.report_version(row.series_uid, result.model_name, kind, uid)
         pre = None if prev is None else Predecessor(prev.study_uid, prev.result_series_uid, prev.sop_class_uid,
                                                     prev.sop_instance_uid, prev.version)
         return ResultVersion(row.generation, number, pre)
@@ -309,6 +314,7 @@ class WorkerPool:
 
     def __init__(self, pipeline: Pipeline, *, workers: int, poll_seconds: float, wake: threading.Event) -> None:
         self.pipeline = pipeline
+        self.leases = LeaseKeeper(pipeline.store, pipeline.cfg.store.lease_seconds)
         self.n = workers
         self.poll = poll_seconds
         self.wake = wake
@@ -316,6 +322,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        self.leases.start()
         for i in range(self.n):
             t = threading.Thread(target=self._run, args=(f"worker-{i}",), name=f"pipeline-{i}", daemon=True)
             t.start()
@@ -327,24 +334,29 @@ class WorkerPool:
         for t in self._threads:
             t.join(timeout=60)
         self._threads.clear()
+        self.leases.stop()
 
     def run_until_idle(self, worker: str = "inline") -> int:
         """Process every complete series now, in this thread (tests, `demo`); returns how many."""
         n = 0
-        while (row := self.pipeline.index.claim_next_complete(worker)) is not None:
-            self.pipeline.process(row)
+        self.leases.sweep(every_seconds=0)
+        while (row := self.pipeline.store.claim_next_complete(worker)) is not None:
+            with self.leases.hold(row):
+                self.pipeline.process(row)
             n += 1
         return n
 
     def _run(self, name: str) -> None:
         while not self._stop.is_set():
             try:
-                row = self.pipeline.index.claim_next_complete(name)
+                self.leases.sweep()
+                row = self.pipeline.store.claim_next_complete(name)
             except Exception:
-                log.exception("cannot claim work from the index; retrying")
+                log.exception("cannot claim work from the store; retrying")
                 row = None
             if row is None:
                 self.wake.wait(self.poll)
                 self.wake.clear()
                 continue
-            self.pipeline.process(row)
+            with self.leases.hold(row):
+                self.pipeline.process(row)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medclf_node.ingest.index import Index
+from medclf_node.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class RetentionService:
     A late instance that re-opens a purged series is processed with what is still there.
     """
 
-    def __init__(self, index: Index, data_dir: Path, policy: RetentionPolicy, *, interval_s: float = 60.0) -> None:
-        self.index = index
+    def __init__(self, store: Store, data_dir: Path, policy: RetentionPolicy, *, interval_s: float = 60.0) -> None:
+        self.store = store
         self.data_dir = Path(data_dir)
         self.spool_root = self.data_dir / "spool"
         self.policy = policy
@@ -187,7 +187,7 @@ class RetentionService:
 
     def run_once(self, now: float | None = None) -> PurgeResult:
         t = time.time() if now is None else now
-        rows = self.index.retention_candidates()
+        rows = self.store.retention_candidates()
         total = PurgeResult()
         for all_sent in (True, False):
             batch = [(path, ts) for _uid, state, path, ts in rows if (state == "sent") == all_sent]
@@ -197,7 +197,7 @@ class RetentionService:
                               older_than_s=self.policy.min_age_seconds(all_sent), now=t)
             removed = [p.relative_to(self.data_dir).as_posix() for p in res.removed]
             if removed:
-                self.index.forget_instances(removed)
+                self.store.forget_instances(removed)
             total.deleted += res.deleted
             total.missing += res.missing
             total.kept += res.kept

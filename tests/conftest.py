@@ -4,6 +4,10 @@
 test's tmp dir, peers/accept/completion as given), starts ``medclf-node serve`` through the
 CLI and waits until ``data_dir/node.port`` appears.  Every node started is stopped
 (SIGTERM, then SIGKILL) at teardown.
+
+``MEDCLF_TEST_STORE=postgresql``: every node a test builds (in-process or subprocess) and every
+``stores.open_test_store`` runs on a throwaway PostgreSQL (:mod:`pg`), one database per data
+directory, so the node-level tests check both back-ends.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pg
 import pytest
+from stores import store_section
 
 pytest_plugins = ["native_crash"]  # a segfault in one test fails that test, the suite goes on
 
@@ -140,6 +146,8 @@ def node_sections(data_dir: Path, **overrides: Any) -> dict[str, Any]:
         "metrics": {"port": 0},  # several test nodes at once: never a fixed port
         "retention": {"min_free_disk_mb": 0},
     }
+    if pg.on_postgres():
+        sections["store"] = store_section(data_dir)
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(sections.get(k), dict):
             sections[k] = {**sections[k], **v}
@@ -191,3 +199,42 @@ def echoscu(port: int, *, calling: str = SENDER_AE, called: str = NODE_AE) -> su
         ["echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
         env=dcmtk_env(), capture_output=True, text=True, timeout=30,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_session() -> Iterator[None]:
+    """Stop the throwaway PostgreSQL (if a test started one) at the end of the session."""
+    yield
+    pg.stop_server()
+
+
+def postgres_or_skip() -> pg.PgServer:
+    """The session's PostgreSQL; skip the test without one (fail under MEDCLF_REQUIRE_POSTGRES=1)."""
+    try:
+        return pg.server()
+    except pg.Unavailable as exc:
+        if pg.required():
+            pytest.fail(f"MEDCLF_REQUIRE_POSTGRES=1 but PostgreSQL is unavailable: {exc}")
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def _store_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under MEDCLF_TEST_STORE=postgresql, nodes built in-process open PostgreSQL instead of SQLite."""
+    if not pg.on_postgres():
+        return
+    server = postgres_or_skip()
+    import medclf_node.node as node_mod
+    import medclf_node.store as store_mod
+    from medclf_node.config import Config
+
+    real = store_mod.open_store
+
+    def on_postgres(cfg: Config, *, read_only: bool = False) -> store_mod.Store:
+        if cfg.store.backend == "sqlite":
+            dsn = server.dsn_for(str(Path(cfg.node.data_dir).resolve()))
+            cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"backend": "postgresql", "dsn": dsn})})
+        return real(cfg, read_only=read_only)
+
+    monkeypatch.setattr(store_mod, "open_store", on_postgres)
+    monkeypatch.setattr(node_mod, "open_store", on_postgres)

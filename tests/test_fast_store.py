@@ -32,12 +32,13 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from stores import open_test_store
 
 from medclf_node.config import Config, parse_config
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.net import fast_store, part10, reactor
 from medclf_node.net.scp import StoreSCP
+from medclf_node.store import Store
 
 SENDER, NODE = "SCANNER", "MEDCLF"
 
@@ -193,8 +194,8 @@ class _Counting(StoreSCP):
         return super()._fast_store(*args)
 
 
-def _node(tmp: Path, fast: bool) -> tuple[StoreSCP, Index]:
-    index = Index(tmp)
+def _node(tmp: Path, fast: bool) -> tuple[StoreSCP, Store]:
+    index = open_test_store(tmp)
     node = _Counting(_config(tmp), Spool(tmp, index, durable=False), fast_path=fast)
     node.start()
     return node, index
@@ -350,7 +351,7 @@ def test_a_data_set_over_the_size_limit_is_counted_not_held(tmp_path: Path) -> N
     """limits.max_instance_bytes: the DUL drops the fragments past it and answers 0xA700 itself."""
     cfg = parse_config({"node": {"ae_title": NODE, "port": 0, "data_dir": str(tmp_path)},
                         "accept": {"calling_ae_titles": [SENDER]}, "limits": {"max_instance_bytes": 20_000}})
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     _Counting.fast_calls = 0
     node = _Counting(cfg, Spool(tmp_path, index, durable=False, limits=cfg.limits))
     node.start()
@@ -369,7 +370,7 @@ def test_a_data_set_over_the_size_limit_on_the_stock_path_aborts(tmp_path: Path)
     """A request the fast path declines is held by pynetdicom: past the limit the association is aborted."""
     cfg = parse_config({"node": {"ae_title": NODE, "port": 0, "data_dir": str(tmp_path)},
                         "accept": {"calling_ae_titles": [SENDER]}, "limits": {"max_instance_bytes": 20_000}})
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     node = StoreSCP(cfg, Spool(tmp_path, index, durable=False, limits=cfg.limits))
     node.start()
     try:

@@ -21,11 +21,11 @@ from conftest import ROOT, needs_dcmtk, start_node, storescu
 from fixtures_models import phantom_volume
 from intake_series import write_ct_series as write_small_series
 from PIL import Image
+from stores import open_test_store
 from test_outbox import seed_series, wait_for
 
 from medclf_node.config import ConfigError, parse_config
 from medclf_node.folder_destination import deliver, folder_target
-from medclf_node.ingest.index import Index
 from medclf_node.outbox import Dispatcher
 from medclf_node.synthetic.dicom_writer import write_ct_series
 
@@ -92,7 +92,7 @@ def test_dispatcher_sends_to_a_folder_and_retries_when_it_cannot_write(tmp_path:
         "results": {"destinations": ["local"]},
         "dispatch": {"initial_backoff_seconds": 0.1, "max_backoff_seconds": 0.2, "max_attempts": 50},
     })
-    index = Index(data)
+    index = open_test_store(data)
     seed_series(index, uids, "local")
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
     disp.start()

@@ -22,11 +22,11 @@ import pytest
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from stores import open_test_store
 from test_faults_common import record
 
 from medclf_node.config import Config, parse_config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool, StoreError
 from medclf_node.pipeline import Pipeline
 from medclf_node.synthetic.dicom_writer import write_ct_series
@@ -120,7 +120,7 @@ def test_mutated_slice_ends_in_a_documented_outcome(world: World, which: int, mu
         world.outcomes
     data = Path(tempfile.mkdtemp(dir=base))
     cfg = _config(data, models)
-    index = Index(data, durable=False)
+    index = open_test_store(data, durable=False)
     try:
         spool = Spool(data, index, durable=False)
         series: set[str] = set()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from conftest import NODE_AE, SENDER_AE, RunningNode
 from intake_series import write_ct_series
+from stores import open_test_store, walk
 
 from medclf_node.config import CompletionSection
-from medclf_node.ingest.index import Index, InstanceRecord
 from medclf_node.ingest.series import CompletionTracker
+from medclf_node.store import InstanceRecord, Store
 
 
 def _rec(sop: str, series: str, assoc: str, at: float) -> InstanceRecord:
@@ -19,19 +20,19 @@ def _rec(sop: str, series: str, assoc: str, at: float) -> InstanceRecord:
                           f"spool/{sop}.dcm", 1, "SCANNER", assoc, at)
 
 
-def _deliver(index: Index, tracker: CompletionTracker, sop: str, series: str, assoc: str, at: float) -> None:
+def _deliver(index: Store, tracker: CompletionTracker, sop: str, series: str, assoc: str, at: float) -> None:
     index.record_instance(_rec(sop, series, assoc, at))
     tracker.instance_received(assoc, series)
 
 
-def _state(index: Index, uid: str) -> tuple[str, str | None]:
+def _state(index: Store, uid: str) -> tuple[str, str | None]:
     s = index.get_series(uid)
     assert s is not None
     return s.state, s.completion
 
 
 def test_release_completes_unless_another_association_still_sends(tmp_path: Path) -> None:
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     done: list[str] = []
     tracker = CompletionTracker(index, CompletionSection(), on_complete=done.append)
     now = time.time()
@@ -49,7 +50,7 @@ def test_release_completes_unless_another_association_still_sends(tmp_path: Path
 
 def test_abort_holds_quiet_until_a_later_clean_release(tmp_path: Path) -> None:
     """A partial send that ended in A-ABORT is not completed by the quiet timer; the re-send's release does."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time()
     _deliver(index, tracker, "1.1", "5.1", "a", t0)
@@ -69,7 +70,7 @@ def test_abort_holds_quiet_until_a_later_clean_release(tmp_path: Path) -> None:
 
 def test_abort_then_max_wait(tmp_path: Path) -> None:
     """Without a re-send, max_wait_seconds ends the wait (counted from the first instance)."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time()
     _deliver(index, tracker, "1.1", "5.1", "a", t0)
@@ -82,7 +83,7 @@ def test_abort_then_max_wait(tmp_path: Path) -> None:
 
 def test_aborted_again_keeps_the_hold_and_a_released_one_lifts_it_for_quiet(tmp_path: Path) -> None:
     """A second abort keeps holding; a clean release with on_release off leaves it to the quiet timer."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(on_release=False, quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time()
     _deliver(index, tracker, "1.1", "5.1", "a", t0)
@@ -100,7 +101,7 @@ def test_aborted_again_keeps_the_hold_and_a_released_one_lifts_it_for_quiet(tmp_
 
 def test_quiet_after_abort_option(tmp_path: Path) -> None:
     """completion.quiet_after_abort: for senders that always end with an abort."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100,
                                                          quiet_after_abort=True))
     t0 = time.time()
@@ -113,14 +114,14 @@ def test_quiet_after_abort_option(tmp_path: Path) -> None:
 
 def test_association_open_when_the_node_stopped_counts_as_aborted(tmp_path: Path) -> None:
     """After kill -9 nobody saw the association end: on restart the series waits like an aborted one."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time()
     _deliver(index, tracker, "1.1", "5.1", "a", t0)  # node dies here; "a" never ends
     _deliver(index, tracker, "2.1", "5.2", "x", t0)
     tracker.association_released("x")  # 5.2 was finished cleanly before the crash
     index.close()
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100), scan_interval=3600)
     tracker.start()
     try:
@@ -135,12 +136,12 @@ def test_association_open_when_the_node_stopped_counts_as_aborted(tmp_path: Path
 
 def test_reopened_series_max_wait_counts_from_the_reopen(tmp_path: Path) -> None:
     """A late instance long after the first must not complete the re-opened series at once via max_wait."""
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(quiet_seconds=5, max_wait_seconds=100))
     t0 = time.time() - 1000
     _deliver(index, tracker, "1.1", "5.1", "a", t0)
     tracker.association_released("a")
-    assert index.set_series_state("5.1", "sent")
+    assert walk(index, "5.1", "sent")
     _deliver(index, tracker, "1.2", "5.1", "b", t0 + 500)  # re-opens: generation 1
     row = index.get_series("5.1")
     assert row is not None and (row.state, row.generation, row.opened_at) == ("received", 1, t0 + 500)
@@ -151,7 +152,7 @@ def test_reopened_series_max_wait_counts_from_the_reopen(tmp_path: Path) -> None
 
 
 def test_on_release_off_and_max_wait(tmp_path: Path) -> None:
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     tracker = CompletionTracker(index, CompletionSection(on_release=False, quiet_seconds=50, max_wait_seconds=10))
     t0 = time.time()
     for k in range(5):  # a sender trickling one instance every 3 s never goes quiet...

@@ -43,9 +43,9 @@ from pynetdicom import (
 )
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from stores import open_test_store
 
 from medclf_node.config import Config, parse_config
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import StoreError, _parse_with_pydicom, parse_header, scan_header
 from medclf_node.net import part10, reactor, store_rsp
 from medclf_node.net.scp import StoreSCP
@@ -346,7 +346,7 @@ def scp(tmp_path: Path) -> Iterator[tuple[StoreSCP, Listener]]:
     from medclf_node.ingest.spool import Spool
 
     cfg = _config(tmp_path / "data")
-    index = Index(tmp_path / "data")
+    index = open_test_store(tmp_path / "data")
     listener = Listener()
     node = StoreSCP(cfg, Spool(tmp_path / "data", index, durable=False), listener)
     node.start()

@@ -22,6 +22,7 @@ from conftest import NODE_AE, SENDER_AE, RunningNode, echoscu, needs_dcmtk
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from stores import open_test_store
 from test_badinput import RQ, _read_pdu
 
 from medclf_node.net.slots import AE_LIMIT, HOST_LIMIT, TOTAL_LIMIT, AssociationSlots, Ticket
@@ -248,13 +249,12 @@ def test_slots_count_caps_and_release_once() -> None:
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[Any]:
     from medclf_node.config import parse_config
-    from medclf_node.ingest.index import Index
     from medclf_node.ingest.spool import Spool
     from medclf_node.net.scp import StoreSCP
 
     cfg = parse_config({"node": {"ae_title": NODE_AE, "port": 0, "data_dir": str(tmp_path / "d")},
                         "accept": {"calling_ae_titles": [SENDER_AE]}})
-    index = Index(tmp_path / "d")
+    index = open_test_store(tmp_path / "d")
     node = StoreSCP(cfg, Spool(tmp_path / "d", index, durable=False))
     node.start()
     yield node

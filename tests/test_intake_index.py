@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stores import open_test_store, walk
 
-from medclf_node.ingest.index import Index, InstanceRecord
+from medclf_node.store import InstanceRecord, Store
 
 
 def rec(sop: str, series: str = "1.2.3", *, assoc: str = "a1", at: float | None = None) -> InstanceRecord:
@@ -21,13 +22,13 @@ def rec(sop: str, series: str = "1.2.3", *, assoc: str = "a1", at: float | None 
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> Iterator[Index]:
-    idx = Index(tmp_path)
+def index(tmp_path: Path) -> Iterator[Store]:
+    idx = open_test_store(tmp_path)
     yield idx
     idx.close()
 
 
-def test_record_is_idempotent_and_counts(index: Index) -> None:
+def test_record_is_idempotent_and_counts(index: Store) -> None:
     assert index.record_instance(rec("1.1")).series_state_before is None
     again = index.record_instance(rec("1.1"))
     assert again.replaced and not again.reopened
@@ -38,7 +39,7 @@ def test_record_is_idempotent_and_counts(index: Index) -> None:
     assert index.series_of_association("a1") == ["1.2.3"]
 
 
-def test_completion_timers(index: Index) -> None:
+def test_completion_timers(index: Store) -> None:
     t0 = 1000.0
     index.record_instance(rec("1.1", "1.5", at=t0))
     index.record_instance(rec("2.1", "1.6", at=t0))
@@ -53,7 +54,7 @@ def test_completion_timers(index: Index) -> None:
     assert s is not None and s.state == "complete" and s.completion == "quiet"
 
 
-def test_claim_is_atomic_across_threads(index: Index) -> None:
+def test_claim_is_atomic_across_threads(index: Store) -> None:
     for i in range(20):
         index.record_instance(rec(f"1.{i}", f"2.{i}"))
         index.mark_complete(f"2.{i}", "forced")
@@ -62,7 +63,7 @@ def test_claim_is_atomic_across_threads(index: Index) -> None:
 
     def worker(name: str) -> None:
         while (row := index.claim_next_complete(name)) is not None:
-            assert row.state == "processing" and row.worker == name
+            assert row.state == "processing" and row.worker == index.holder(name)
             with lock:
                 claimed.append(row.series_uid)
 
@@ -75,19 +76,19 @@ def test_claim_is_atomic_across_threads(index: Index) -> None:
 
 
 def test_restart_resumes_processing(tmp_path: Path) -> None:
-    idx = Index(tmp_path)
+    idx = open_test_store(tmp_path)
     idx.record_instance(rec("1.1"))
     idx.mark_complete("1.2.3", "release")
     assert idx.claim_next_complete("w") is not None
     idx.close()  # "crash" while processing
-    idx2 = Index(tmp_path)
+    idx2 = open_test_store(tmp_path)
     assert idx2.reset_processing_on_startup() == 1
     row = idx2.claim_next_complete("w2")
     assert row is not None and row.series_uid == "1.2.3"
     idx2.close()
 
 
-def test_late_instance_reprocess_bumps_generation(index: Index) -> None:
+def test_late_instance_reprocess_bumps_generation(index: Store) -> None:
     index.record_instance(rec("1.1"))
     index.mark_complete("1.2.3", "release")
     claimed = index.claim_next_complete("w")
@@ -102,10 +103,10 @@ def test_late_instance_reprocess_bumps_generation(index: Index) -> None:
 
 
 def test_late_instance_ignore(tmp_path: Path) -> None:
-    idx = Index(tmp_path, late_instances="ignore")
+    idx = open_test_store(tmp_path, late_instances="ignore")
     idx.record_instance(rec("1.1"))
     idx.mark_complete("1.2.3", "release")
-    idx.set_series_state("1.2.3", "sent")
+    walk(idx, "1.2.3", "sent")
     out = idx.record_instance(rec("1.2"))
     assert not out.reopened
     s = idx.get_series("1.2.3")
@@ -113,7 +114,7 @@ def test_late_instance_ignore(tmp_path: Path) -> None:
     idx.close()
 
 
-def test_complete_series_takes_late_instance_without_reopening(index: Index) -> None:
+def test_complete_series_takes_late_instance_without_reopening(index: Store) -> None:
     index.record_instance(rec("1.1"))
     index.mark_complete("1.2.3", "release")
     out = index.record_instance(rec("1.2"))
@@ -121,10 +122,10 @@ def test_complete_series_takes_late_instance_without_reopening(index: Index) -> 
     assert index.get_series("1.2.3").state == "complete"  # type: ignore[union-attr]
 
 
-def test_results_and_timings(index: Index) -> None:
+def test_results_and_timings(index: Store) -> None:
     index.record_instance(rec("1.1"))
     index.record_result("1.2.3", "m", "1.0", 0.75, True, key_slice_index=3, timings={"inference": 0.1})
-    index.set_series_state("1.2.3", "reported", rule="default-ct", timings={"volume": 0.2})
+    walk(index, "1.2.3", "reported", rule="default-ct", timings={"volume": 0.2})
     (r,) = index.results("1.2.3")
     assert (r.probability, r.positive, r.key_slice_index, r.timings) == (0.75, True, 3, {"inference": 0.1})
     s = index.get_series("1.2.3")
@@ -133,9 +134,9 @@ def test_results_and_timings(index: Index) -> None:
         index.set_series_state("1.2.3", "bogus")  # type: ignore[arg-type]
 
 
-def test_outbox_lifecycle(index: Index) -> None:
+def test_outbox_lifecycle(index: Store) -> None:
     index.record_instance(rec("1.1"))
-    index.set_series_state("1.2.3", "reported")
+    walk(index, "1.2.3", "reported")
     assert index.enqueue_outbox("9.1", "1.2.3", "pacs", "SR", "out/9.1.dcm")
     assert index.enqueue_outbox("9.1", "1.2.3", "pacs", "SR", "out/9.1.dcm")  # idempotent
     assert index.enqueue_outbox("9.2", "1.2.3", "pacs", "SC", "out/9.2.dcm")
@@ -167,10 +168,10 @@ def test_jobs_command_shows_state_model_score_timings(tmp_path: Path, capsys: py
 
     from medclf_node.cli import main
 
-    idx = Index(tmp_path / "d")
+    idx = open_test_store(tmp_path / "d")
     idx.record_instance(rec("1.1"))
     idx.record_result("1.2.3", "nodule-2d", "1.0", 0.8125, True, timings={"inference": 0.5})
-    idx.set_series_state("1.2.3", "reported", timings={"volume": 0.25, "inference": 0.5})
+    walk(idx, "1.2.3", "reported", timings={"volume": 0.25, "inference": 0.5})
     idx.close()
     cfg = write_config(tmp_path / "c.toml", {"node": {"data_dir": str(tmp_path / "d")}})
     assert main(["jobs", "--config", str(cfg)]) == 0

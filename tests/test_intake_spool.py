@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from intake_series import write_ct_series
 from pydicom import dcmread
+from stores import open_test_store
 
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -25,7 +25,7 @@ from medclf_node.ingest.spool import (
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Iterator[Spool]:
-    idx = Index(tmp_path / "data")
+    idx = open_test_store(tmp_path / "data")
     yield Spool(tmp_path / "data", idx)
     idx.close()
 
@@ -65,11 +65,11 @@ def test_store_writes_exact_bytes_and_indexes(spool: Spool, small_series: list[P
     stored = spool.store(data, calling_ae="SCANNER", assoc_id="a1")
     target = spool.data_dir / stored.record.path
     assert target.read_bytes() == data
-    assert spool.index.has_instance(stored.record.sop_instance_uid)
+    assert spool.db.has_instance(stored.record.sop_instance_uid)
     # re-send: same single row, file replaced atomically, no temporary files left
     again = spool.store(data, calling_ae="SCANNER", assoc_id="a2")
     assert again.outcome.replaced
-    assert spool.index.instance_paths() == [stored.record.path]
+    assert spool.db.instance_paths() == [stored.record.path]
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
@@ -79,8 +79,8 @@ def test_uid_reused_in_another_series_keeps_one_file(spool: Spool, small_series:
     assert moved.outcome.previous_path == first.record.path
     assert not (spool.data_dir / first.record.path).exists()
     assert (spool.data_dir / moved.record.path).is_file()
-    assert spool.index.instance_paths() == [moved.record.path]
-    assert [(s.series_uid, s.n_instances) for s in spool.index.list_series()] in (
+    assert spool.db.instance_paths() == [moved.record.path]
+    assert [(s.series_uid, s.n_instances) for s in spool.db.list_series()] in (
         [("1.2.3.4", 1), (first.record.series_uid, 0)], [(first.record.series_uid, 0), ("1.2.3.4", 1)]
     )
 
@@ -115,7 +115,7 @@ def test_os_error_gives_a700_and_leaves_nothing(spool: Spool, small_series: list
     with pytest.raises(StoreError) as err:
         spool.store(small_series[0].read_bytes(), calling_ae="X", assoc_id="a")
     assert err.value.status == STATUS_OUT_OF_RESOURCES
-    assert spool.index.instance_paths() == []
+    assert spool.db.instance_paths() == []
 
 
 def test_leftover_tmp_files_are_removed(spool: Spool, small_series: list[Path]) -> None:

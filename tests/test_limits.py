@@ -19,10 +19,10 @@ from intake_series import write_ct_series
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from stores import open_test_store
 
 from medclf_node.config import LimitsSection, VolumeSection, parse_config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.ingest.volume import VolumeError, assemble_volume
 from medclf_node.net.scu import Peer, send_files
@@ -204,7 +204,7 @@ def test_pipeline_refuses_an_oversized_series_with_too_large(tmp_path: Path, tin
         "rules": [{"name": "ct", "models": ["test-2p5d-int8"], "min_slices": 3}],
         "limits": {"max_series_voxels": 5 * 32 * 32},
     })
-    index = Index(cfg.node.data_dir, durable=False)
+    index = open_test_store(cfg.node.data_dir, durable=False)
     try:
         spool = Spool(cfg.node.data_dir, index, durable=False, limits=cfg.limits)
         for p in write_ct_series(tmp_path / "s", 6, 32, 32, seed=8):

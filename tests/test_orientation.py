@@ -24,15 +24,16 @@ import pydicom
 import pytest
 from ctseries import make_series, write_series
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
+from stores import open_test_store
 
 from medclf_node.config import VolumeSection, parse_config
 from medclf_node.domain import Code, ModelResult, NodeIdentity
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.ingest.volume import assemble_volume, canonical_reorientation
 from medclf_node.pipeline import Pipeline
 from medclf_node.reporting.sc import build_sc, slice_orientation
+from medclf_node.store import Store
 from medclf_node.synthetic.phantoms import Phantom, make_phantom
 from training.data.readers import read_dicom_series, read_luna16_case, read_nifti_case
 from training.data.truth import truth_for_phantom, write_truth
@@ -326,7 +327,7 @@ NODE_SPACING = (2.5, 3.5, 3.5)
 NODULE_MM = (30.0, 168.0, 100.0, 12.0)  # inside the phantom's left lung
 
 
-def _report(pipeline: Pipeline, index: Index, spool: Spool, paths: list[Path]) -> tuple[float, Any, Any]:
+def _report(pipeline: Pipeline, index: Store, spool: Spool, paths: list[Path]) -> tuple[float, Any, Any]:
     uid = ""
     for p in paths:
         uid = spool.store(p.read_bytes(), calling_ae="PACS", assoc_id="a").record.series_uid
@@ -381,7 +382,7 @@ def test_node_reports_every_patient_position_alike(tmp_path: Path, tiny_models_d
         "models": {"directory": str(tiny_models_dir)},
         "rules": [{"name": "ct", "models": ["test-2p5d-int8"], "min_slices": 3}],
     })
-    index = Index(cfg.node.data_dir)
+    index = open_test_store(cfg.node.data_dir)
     spool = Spool(cfg.node.data_dir, index)
     pipeline = Pipeline(cfg, index, ModelRegistry.from_config(cfg))
     hu = np.clip(np.rint(phantom_volume(NODE_SHAPE, NODE_SPACING, NODULE_MM, seed=3)), -1024, 3071).astype(np.float32)

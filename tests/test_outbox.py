@@ -16,11 +16,12 @@ import pytest
 from conftest import free_port, write_config
 from intake_series import write_ct_series
 from pydicom import dcmread
+from stores import open_test_store, walk
 
 from medclf_node.config import Config, parse_config
-from medclf_node.ingest.index import Index, InstanceRecord
 from medclf_node.net.receiver import StoringReceiver as Receiver
 from medclf_node.outbox import Dispatcher, backoff_seconds
+from medclf_node.store import InstanceRecord, Store
 
 
 class BlackHole:
@@ -76,10 +77,10 @@ def objects(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     yield data, uids
 
 
-def seed_series(index: Index, uids: list[str], destination: str, calling_ae: str = "SCANNER") -> None:
+def seed_series(index: Store, uids: list[str], destination: str, calling_ae: str = "SCANNER") -> None:
     index.record_instance(InstanceRecord("7.1", "7.7", "7.0", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                                          "spool/x.dcm", 1, calling_ae, "a", time.time()))
-    index.set_series_state("7.7", "reported")
+    walk(index, "7.7", "reported")
     for k, uid in enumerate(uids):
         index.enqueue_outbox(uid, "7.7", destination, "SR" if k == 0 else "SC", f"outbox/slice_{k:04d}.dcm")
 
@@ -92,7 +93,7 @@ def test_destination_down_then_up_delivers_exactly_once(objects: tuple[Path, lis
     data, uids = objects
     port = free_port()
     cfg = make_cfg(data, [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}])
-    index = Index(data)
+    index = open_test_store(data)
     seed_series(index, uids, "pacs")
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
     disp.start()
@@ -118,7 +119,7 @@ def test_dead_letter_then_cli_retry(objects: tuple[Path, list[str]], tmp_path: P
     port = free_port()
     peers = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]
     cfg = make_cfg(data, peers, max_attempts=2, initial_backoff_seconds=0.1)
-    index = Index(data)
+    index = open_test_store(data)
     seed_series(index, uids, "pacs")
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
     disp.start()
@@ -155,7 +156,7 @@ def test_hung_destination_does_not_block_others(objects: tuple[Path, list[str]])
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": ok_port},
     ], timeout_seconds=20.0)
     hole, recv = BlackHole(hung_port), Receiver("PACS", ok_port)
-    index = Index(data)
+    index = open_test_store(data)
     seed_series(index, uids[:1], "hung")
     index.enqueue_outbox(uids[1], "7.7", "pacs", "SC", "outbox/slice_0001.dcm")
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
@@ -182,12 +183,12 @@ def test_sender_destination_resolution(objects: tuple[Path, list[str]]) -> None:
     port = free_port()
     cfg = make_cfg(data, [{"name": "scanner", "ae_title": "SCANNER", "host": "127.0.0.1", "port": port}])
     recv = Receiver("SCANNER", port)
-    index = Index(data)
+    index = open_test_store(data)
     seed_series(index, uids[:1], "sender", calling_ae="SCANNER")
     # a second series from an AE that is not a peer: dead at once, with the reason
     index.record_instance(InstanceRecord("8.1", "8.8", "8.0", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                                          "spool/y.dcm", 1, "STRANGER", "b", time.time()))
-    index.set_series_state("8.8", "reported")
+    walk(index, "8.8", "reported")
     index.enqueue_outbox(uids[1], "8.8", "sender", "SC", "outbox/slice_0001.dcm")
     disp = Dispatcher(cfg, index, poll_seconds=0.05)
     disp.start()

@@ -14,12 +14,13 @@ import numpy as np
 import pydicom
 import pytest
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
+from stores import open_test_store, walk
 
 from medclf_node.config import Config, parse_config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.pipeline import Pipeline, WorkerPool
+from medclf_node.store import Store
 from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
@@ -49,9 +50,9 @@ def _spool_series(spool: Spool, paths: list[Path], calling_ae: str = "PACS") -> 
 
 @pytest.fixture
 def setup(tmp_path: Path, tiny_models_dir: Path) -> Any:  # noqa: F811
-    def make(**sections: Any) -> tuple[Config, Index, Spool, Pipeline]:
+    def make(**sections: Any) -> tuple[Config, Store, Spool, Pipeline]:
         cfg = _config(tmp_path, tiny_models_dir, **sections)
-        index = Index(cfg.node.data_dir)
+        index = open_test_store(cfg.node.data_dir)
         spool = Spool(cfg.node.data_dir, index)
         registry = ModelRegistry.from_config(cfg)
         return cfg, index, spool, Pipeline(cfg, index, registry)
@@ -103,7 +104,7 @@ def test_reprocessing_gives_the_same_object_uids(setup: Any, tmp_path: Path) -> 
     assert row is not None and pipeline.process(row) == "reported"
     first = sorted((i.object_uid, i.kind) for i in index.outbox_items(uid))
     # a crash after processing: the series is processed again on restart
-    index.set_series_state(uid, "complete")
+    walk(index, uid, "complete")
     row = index.claim_next_complete("w")
     assert row is not None and pipeline.process(row) == "reported"
     again = sorted((i.object_uid, i.kind) for i in index.outbox_items(uid))

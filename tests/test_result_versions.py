@@ -19,10 +19,10 @@ import pydicom
 import pytest
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 from pydicom.dataset import Dataset
+from stores import open_test_store, walk
 
 from medclf_node.config import Config, parse_config
 from medclf_node.inference.registry import ModelRegistry
-from medclf_node.ingest.index import Index
 from medclf_node.ingest.spool import Spool
 from medclf_node.pipeline import Pipeline
 from medclf_node.reporting.uids import (
@@ -33,6 +33,7 @@ from medclf_node.reporting.uids import (
     label_version,
     result_uids,
 )
+from medclf_node.store import Store
 from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
@@ -105,7 +106,7 @@ def _config(tmp_path: Path, models_dir: Path) -> Config:
 @pytest.fixture
 def env(tmp_path: Path, tiny_models_dir: Path) -> Any:  # noqa: F811
     cfg = _config(tmp_path, tiny_models_dir)
-    index = Index(cfg.node.data_dir)
+    index = open_test_store(cfg.node.data_dir)
     spool = Spool(cfg.node.data_dir, index)
     pipeline = Pipeline(cfg, index, ModelRegistry.from_config(cfg))
     hu = phantom_volume(SHAPE, SPACING, None, seed=3)
@@ -121,14 +122,14 @@ def _store(spool: Spool, paths: list[Path], assoc: str) -> str:
     return uid
 
 
-def _process(index: Index, pipeline: Pipeline, uid: str) -> str:
+def _process(index: Store, pipeline: Pipeline, uid: str) -> str:
     index.mark_complete(uid, "forced")
     row = index.claim_next_complete("w")
     assert row is not None and row.series_uid == uid
     return pipeline.process(row)
 
 
-def _objects(cfg: Config, index: Index, uid: str) -> dict[str, list[pydicom.Dataset]]:
+def _objects(cfg: Config, index: Store, uid: str) -> dict[str, list[pydicom.Dataset]]:
     out: dict[str, list[pydicom.Dataset]] = {"SR": [], "SC": []}
     for item in index.outbox_items(uid):
         out[item.kind].append(pydicom.dcmread(cfg.node.data_dir / item.path))
@@ -187,7 +188,7 @@ def test_late_instances_give_a_second_version_that_names_the_first(env: Any) -> 
 
     # a crash after processing: the same generation runs again and rebuilds identical objects
     before = sorted((i.object_uid, i.state) for i in index.outbox_items(uid))
-    index.set_series_state(uid, "complete")
+    walk(index, uid, "complete")
     row = index.claim_next_complete("w")
     assert row is not None and pipeline.process(row) == "reported"
     assert sorted((i.object_uid, i.state) for i in index.outbox_items(uid)) == before
@@ -215,7 +216,7 @@ def test_generation_reopened_while_processing_sends_nothing(env: Any) -> None:
     assert not sr.SeriesDescription.endswith(" v2"), "the first version sent is version 1"
 
 
-def _model_version(index: Index, uid: str) -> str:
+def _model_version(index: Store, uid: str) -> str:
     (r,) = index.results(uid)
     return r.model_version
 
@@ -233,7 +234,7 @@ def test_index_of_an_older_release_is_migrated(tmp_path: Path) -> None:
         INSERT INTO series VALUES ('5.1', '1.2', 'S', 'received', 0, 100.0, 100.0, NULL, NULL, NULL, NULL,
             1, NULL, NULL, NULL, 100.0);
         """)
-    index = Index(tmp_path)
+    index = open_test_store(tmp_path)
     row = index.get_series("5.1")
     assert row is not None and (row.opened_at, row.sender_state) == (100.0, None)
     assert index.due_for_completion(5, 1000, now=110.0) == [("5.1", "quiet")]
@@ -243,7 +244,7 @@ def test_index_of_an_older_release_is_migrated(tmp_path: Path) -> None:
 def test_record_report_is_idempotent_and_thread_safe(env: Any) -> None:
     _cfg, index, spool, _pipeline, paths = env
     uid = _store(spool, paths[:3], "a1")
-    from medclf_node.ingest.index import ReportRecord
+    from medclf_node.store import ReportRecord
 
     rec = ReportRecord("9.9", uid, "m", "SR", 0, 1, "1.2", "1.3", SR_CLASS, None)
     threads = [threading.Thread(target=index.record_report, args=(rec,)) for _ in range(4)]

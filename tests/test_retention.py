@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from stores import open_test_store, walk
 
 from medclf_node.config import parse_config
-from medclf_node.ingest.index import Index
 from medclf_node.retention import MB, DiskWatermark, RetentionPolicy, RetentionService, free_disk_ok, purge_spool
+from medclf_node.store import Store
 
 DAY = 86400.0
 
@@ -114,13 +115,13 @@ def test_purge_reports_permission_errors(tmp_path: Path) -> None:
     assert [p for p, _ in result.errors] == [f] and f.exists()
 
 
-def _spooled_series(tmp_path: Path, name: str, n: int = 3) -> tuple[Index, str, list[Path]]:
+def _spooled_series(tmp_path: Path, name: str, n: int = 3) -> tuple[Store, str, list[Path]]:
     from intake_series import write_ct_series
 
     from medclf_node.ingest.spool import Spool
 
     data = tmp_path / "data"
-    index = Index(data)
+    index = open_test_store(data)
     spool = Spool(data, index, durable=False)
     uid = ""
     for p in write_ct_series(tmp_path / name, n, 16, 16, seed=len(name)):
@@ -132,8 +133,8 @@ def test_service_purges_sent_series_at_once_and_others_after_spool_days(tmp_path
     index, sent_uid, sent_paths = _spooled_series(tmp_path, "sent")
     _, failed_uid, failed_paths = _spooled_series(tmp_path, "failedseries")
     _, open_uid, open_paths = _spooled_series(tmp_path, "stillreceiving")
-    index.set_series_state(sent_uid, "sent")
-    index.set_series_state(failed_uid, "failed", "gap", "a gap")
+    walk(index, sent_uid, "sent")
+    walk(index, failed_uid, "failed", "gap", "a gap")
     svc = RetentionService(index, tmp_path / "data", RetentionPolicy(spool_days=1.0, delete_after_sent=True))
 
     first = svc.run_once()
@@ -152,7 +153,7 @@ def test_service_purges_sent_series_at_once_and_others_after_spool_days(tmp_path
 
 def test_service_keeps_sent_series_when_configured(tmp_path: Path) -> None:
     index, uid, paths = _spooled_series(tmp_path, "keep")
-    index.set_series_state(uid, "sent")
+    walk(index, uid, "sent")
     svc = RetentionService(index, tmp_path / "data", RetentionPolicy(spool_days=7.0, delete_after_sent=False))
     assert svc.run_once().deleted == []
     assert all(p.exists() for p in paths)

@@ -15,7 +15,7 @@ happens (``series.completion`` records which):
   end with an abort).
 * ``max_wait``: ``completion.max_wait_seconds`` have passed since the first instance of
   its current generation, even if instances are still trickling in or the sender aborted.
-* ``forced``: an operator/API call (:meth:`Index.force_complete`).
+* ``forced``: an operator/API call (:meth:`Store.force_complete`).
 
 Late instances (arriving after the series left ``received``) are always stored and
 indexed.  With ``completion.late_instances = "reprocess"`` an instance arriving while the
@@ -26,7 +26,7 @@ new UIDs (the generation is part of them) and name the objects they replace (see
 :mod:`medclf_node.reporting.uids`).  A series still ``complete`` (not yet
 claimed) simply includes the new instance.  With ``"ignore"`` the instance is recorded
 and the series keeps its state and results.  (The rules live in
-:meth:`medclf_node.ingest.index.Index.record_instance`.)
+:meth:`medclf_node.store.Store.record_instance`.)
 
 The tracker is the pipeline's hand-off: anything ``complete`` in the index is work.
 It holds only soft state (which open association touched which series); how the sender
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 
 from medclf_node.config import CompletionSection
-from medclf_node.ingest.index import Index
+from medclf_node.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ class CompletionTracker:
 
     def __init__(
         self,
-        index: Index,
+        store: Store,
         settings: CompletionSection,
         *,
         scan_interval: float = 0.5,
         on_complete: Callable[[str], None] | None = None,
     ) -> None:
-        self.index = index
+        self.store = store
         self.settings = settings
         self.scan_interval = scan_interval
         self.on_complete = on_complete
@@ -85,7 +85,7 @@ class CompletionTracker:
         done = sorted(series - busy)
         if done:
             # a clean release says the sender finished: it lifts an earlier abort's hold on the quiet timer
-            self.index.set_sender_state(done, "released")
+            self.store.set_sender_state(done, "released")
         if not self.settings.on_release:
             return
         for uid in sorted(series):
@@ -99,7 +99,7 @@ class CompletionTracker:
             series = self._open.pop(assoc_id, set())
         if not series:
             return
-        self.index.set_sender_state(sorted(series), "aborted")
+        self.store.set_sender_state(sorted(series), "aborted")
         if self.settings.quiet_after_abort:
             log.info("association %s aborted; %d series wait for quiet/max-wait completion", assoc_id, len(series))
             return
@@ -110,7 +110,7 @@ class CompletionTracker:
 
     # --- timers ------------------------------------------------------------------------
     def _complete(self, series_uid: str, how: str) -> None:
-        if self.index.mark_complete(series_uid, how):
+        if self.store.mark_complete(series_uid, how):
             log.info("series %s complete (%s)", series_uid, how)
             if self.on_complete is not None:
                 try:
@@ -122,14 +122,14 @@ class CompletionTracker:
         """Complete every series whose quiet time or maximum wait has passed; returns how many."""
         t = time.time() if now is None else now
         st = self.settings
-        due = self.index.due_for_completion(st.quiet_seconds, st.max_wait_seconds, t,
+        due = self.store.due_for_completion(st.quiet_seconds, st.max_wait_seconds, t,
                                             quiet_after_abort=st.quiet_after_abort)
         if not st.quiet_after_abort:
             self._log_held(t)
         n = 0
         for uid, how in due:
             aborted = self._sender_aborted(uid)
-            if self.index.mark_complete(uid, how, now=t):
+            if self.store.mark_complete(uid, how, now=t):
                 n += 1
                 if aborted and how == "max_wait":
                     log.info("series %s complete (max_wait): its sending association was aborted and no clean "
@@ -144,13 +144,13 @@ class CompletionTracker:
         return n
 
     def _sender_aborted(self, series_uid: str) -> bool:
-        row = self.index.get_series(series_uid)
+        row = self.store.get_series(series_uid)
         return row is not None and row.sender_state == "aborted"
 
     def _log_held(self, now: float) -> None:
         """Say once per series generation why a quiet series is not completed."""
         seen: set[tuple[str, int]] = set()
-        for row in self.index.held_after_abort(self.settings.quiet_seconds, now):
+        for row in self.store.held_after_abort(self.settings.quiet_seconds, now):
             key = (row.series_uid, row.generation)
             seen.add(key)
             if key in self._held_logged:
@@ -169,7 +169,7 @@ class CompletionTracker:
 
     def start(self) -> None:
         """Start the timer thread; first, series left open by a stopped node count as aborted."""
-        held = self.index.hold_interrupted_on_startup()
+        held = self.store.hold_interrupted_on_startup()
         if held:
             log.info("%d received series had an association open when the node stopped; they count as aborted "
                      "(completion on a clean release or after max_wait, not on the quiet timer)", len(held))

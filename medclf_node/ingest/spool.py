@@ -34,8 +34,8 @@ from pydicom.tag import Tag
 
 from medclf_node.config import LimitsSection
 from medclf_node.dicom_uid import is_valid_uid
-from medclf_node.ingest.index import Index, InstanceRecord, RecordOutcome
 from medclf_node.redact import describe, scrub
+from medclf_node.store import InstanceRecord, RecordOutcome, Store
 
 log = logging.getLogger(__name__)
 
@@ -341,13 +341,13 @@ class Spool:
     """The durable store; one instance per process, safe to call from many threads."""
 
     def __init__(
-        self, data_dir: Path, index: Index, *, durable: bool = True, limits: LimitsSection | None = None
+        self, data_dir: Path, store: Store, *, durable: bool = True, limits: LimitsSection | None = None
     ) -> None:
         self.data_dir = Path(data_dir)
         self.durable = durable
         self.limits = limits or LimitsSection()
         self.root = self.data_dir / SPOOL_DIRNAME
-        self.index = index
+        self.db = store
         self._known_dirs: set[Path] = set()
 
     def path_for(self, header: Header) -> Path:
@@ -402,7 +402,7 @@ class Spool:
             received_at=time.time(),
         )
         try:
-            outcome = self.index.record_instance(record)
+            outcome = self.db.record_instance(record)
         except Exception as exc:  # sqlite3.OperationalError "disk full"/"readonly" etc.
             text = str(exc).lower()
             status = (
@@ -430,24 +430,32 @@ class Spool:
         Check-then-write without a lock: concurrent associations feeding one series may
         overshoot by at most the number of associations; the limit bounds, it does not count.
         """
-        series = self.index.get_series(header.series_uid)
+        series = self.db.get_series(header.series_uid)
         if series is None or series.n_instances < self.limits.max_instances_per_series:
             return
-        if self.index.has_instance(header.sop_instance_uid):
+        if self.db.has_instance(header.sop_instance_uid):
             return
         raise StoreError(STATUS_OUT_OF_RESOURCES, f"series already holds {series.n_instances} instances "
                          f"(limits.max_instances_per_series = {self.limits.max_instances_per_series})")
 
-    def remove_leftover_tmp_files(self) -> int:
-        """Delete temporary files a crash left behind (none of them was acknowledged)."""
+    def remove_leftover_tmp_files(self, *, min_age_seconds: float = 0.0) -> int:
+        """Delete temporary files a crash left behind (none of them was acknowledged).
+
+        ``min_age_seconds``: keep younger ones (a spool shared with other nodes, whose
+        writes in progress look the same).
+        """
         n = 0
+        cutoff = time.time() - min_age_seconds
         if not self.root.is_dir():
             return 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if name.startswith(".") and TMP_MARK in name:
                     try:
-                        os.unlink(os.path.join(dirpath, name))
+                        full = os.path.join(dirpath, name)
+                        if min_age_seconds and os.stat(full).st_mtime > cutoff:
+                            continue
+                        os.unlink(full)
                         n += 1
                     except OSError as exc:
                         log.warning("cannot remove leftover %s: %s", name, exc.strerror)
