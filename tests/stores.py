@@ -54,3 +54,20 @@ def walk(store: Store, series_uid: str, to: str, reason_code: str | None = None,
         ok = store.set_series_state(series_uid, s, reason_code if last else None,  # type: ignore[arg-type]
                                     reason_text if last else None, **(kw if last else {}))
     return ok
+
+
+def query(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a read-only SQL query on the store of ``data_dir`` (test inspection of a running or
+    stopped node, on whichever back-end this run uses)."""
+    if pg.on_postgres():
+        import psycopg
+
+        with psycopg.connect(pg.server().dsn_for(str(Path(data_dir).resolve()))) as c:
+            return [tuple(r) for r in c.execute(sql.replace("?", "%s"), params).fetchall()]  # type: ignore[arg-type]
+    import sqlite3
+
+    con = sqlite3.connect(Path(data_dir) / "index.sqlite", timeout=30)
+    try:
+        return [tuple(r) for r in con.execute(sql, params).fetchall()]
+    finally:
+        con.close()

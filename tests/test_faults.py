@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pg
 import pydicom
 import pytest
 from conftest import NODE_AE, SENDER_AE, RunningNode, free_port
@@ -275,6 +276,7 @@ def test_disk_full_gives_a700_no_partial_file_and_recovers(
            recovered=len(again))
 
 
+@pytest.mark.skipif(pg.on_postgres(), reason="SQLite's file write lock; PostgreSQL locks rows")
 def test_sqlite_write_lock_is_waited_out(
     node_factory: Callable[..., RunningNode], nodes: list[RunningNode], tmp_path: Path
 ) -> None:

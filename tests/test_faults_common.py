@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pg
 import pydicom
 from conftest import RunningNode, start_node
+from stores import query
 
 CI_ROUNDS = 5
 
@@ -70,13 +71,9 @@ class IndexState:
 
 
 def index_state(data_dir: Path) -> IndexState:
-    con = sqlite3.connect(data_dir / "index.sqlite", timeout=30)
-    try:
-        integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
-        instances = dict(con.execute("SELECT sop_instance_uid, path FROM instances").fetchall())
-        series = dict(con.execute("SELECT series_uid, state FROM series").fetchall())
-    finally:
-        con.close()
+    integrity = "ok" if pg.on_postgres() else query(data_dir, "PRAGMA integrity_check")[0][0]
+    instances = {str(k): str(v) for k, v in query(data_dir, "SELECT sop_instance_uid, path FROM instances")}
+    series = {str(k): str(v) for k, v in query(data_dir, "SELECT series_uid, state FROM series")}
     return IndexState(str(integrity), instances, series)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -178,11 +177,12 @@ def test_abort_through_the_network_waits_for_the_resend(node_factory, tmp_path: 
     for f in files[:2]:
         assert assoc.send_c_store(f).Status == 0
     assoc.abort()
-    db = node.data_dir / "index.sqlite"
-
     def state() -> list[tuple[str, str | None, str | None]]:
-        with sqlite3.connect(db) as c:
-            return c.execute("SELECT state, completion, sender_state FROM series").fetchall()
+        store = open_test_store(node.data_dir, read_only=True)
+        try:
+            return [(r.state, r.completion, r.sender_state) for r in store.list_series()]
+        finally:
+            store.close()
 
     deadline = time.monotonic() + 10
     while state() != [("received", None, "aborted")] and time.monotonic() < deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import struct
 import subprocess
 import threading
@@ -20,6 +19,7 @@ from conftest import (
     storescu,
 )
 from intake_series import write_ct_series
+from stores import query
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -32,8 +32,7 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def index_rows(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(data_dir / "index.sqlite") as c:
-        return list(c.execute(sql).fetchall())
+    return query(data_dir, sql)
 
 
 def tmp_leftovers(data_dir: Path) -> list[Path]:

@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port, write_config
 from intake_series import write_ct_series
 from pydicom import dcmread
-from stores import open_test_store, walk
+from stores import open_test_store, store_section, walk
 
 from medclf_node.config import Config, parse_config
 from medclf_node.net.receiver import StoringReceiver as Receiver
@@ -132,7 +132,8 @@ def test_dead_letter_then_cli_retry(objects: tuple[Path, list[str]], tmp_path: P
         recv = Receiver("PACS", port)
         time.sleep(0.3)
         assert not recv.counts  # dead items are not retried on their own
-        cfg_file = write_config(tmp_path / "retry.toml", {"node": {"data_dir": str(data)}, "peers": peers})
+        cfg_file = write_config(tmp_path / "retry.toml", {"node": {"data_dir": str(data)}, "peers": peers,
+                                                              "store": store_section(data)})
         out = subprocess.run([sys.executable, "-m", "medclf_node.cli", "retry", "--config", str(cfg_file), "--all"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

@@ -33,7 +33,7 @@ from medclf_node.reporting.uids import (
     label_version,
     result_uids,
 )
-from medclf_node.store import Store
+from medclf_node.store import SqliteStore, Store
 from medclf_node.synthetic.dicom_writer import write_ct_series
 
 SHAPE = (24, 96, 96)
@@ -234,7 +234,7 @@ def test_index_of_an_older_release_is_migrated(tmp_path: Path) -> None:
         INSERT INTO series VALUES ('5.1', '1.2', 'S', 'received', 0, 100.0, 100.0, NULL, NULL, NULL, NULL,
             1, NULL, NULL, NULL, 100.0);
         """)
-    index = open_test_store(tmp_path)
+    index = SqliteStore(tmp_path)  # the SQLite file format of an older release
     row = index.get_series("5.1")
     assert row is not None and (row.opened_at, row.sender_state) == (100.0, None)
     assert index.due_for_completion(5, 1000, now=110.0) == [("5.1", "quiet")]

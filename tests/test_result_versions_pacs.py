@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pytest
 from conftest import NODE_AE, SENDER_AE, RunningNode, free_port
 from fixtures_models import phantom_volume, tiny_models_dir  # noqa: F401  (fixture)
 from orthanc import ORTHANC_AE, Orthanc, require_orthanc, running_orthanc
+from stores import query
 
 from medclf_node.synthetic.dicom_writer import write_ct_series
 
@@ -77,8 +77,7 @@ def _send(port: int, paths: list[Path], *, abort: bool) -> None:
 
 
 def _series_state(node: RunningNode) -> tuple[str, int] | None:
-    with sqlite3.connect(node.data_dir / "index.sqlite") as c:
-        rows = c.execute("SELECT state, generation FROM series").fetchall()
+    rows = query(node.data_dir, "SELECT state, generation FROM series")
     return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
 
