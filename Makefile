@@ -66,10 +66,16 @@ viewer: system-deps $(VENV)/.all-installed
 # The tests run in one pytest-xdist worker (-n 1): a native crash (a TensorFlow kernel that
 # segfaults on this CPU) fails that test with its signal (tests/native_crash.py), a new worker
 # takes over and the suite reaches its summary.
+PG_TESTS = tests/test_intake_index.py tests/test_intake_completion.py tests/test_intake_spool.py tests/test_outbox.py \
+	tests/test_retention.py tests/test_result_versions.py tests/test_result_versions_pacs.py tests/test_pipeline.py \
+	tests/test_intake_net.py tests/test_faults.py tests/test_cli_peers.py
+
 test: system-deps $(VENV)/.all-installed
 	$(VENV)/bin/ruff check medclf_node training tests benchmarks
 	$(VENV)/bin/mypy
-	MEDCLF_REQUIRE_ORTHANC=1 MEDCLF_REQUIRE_VIEWER=1 tools/netns-loopback $(PY) -m pytest -n 1 --max-worker-restart 20 $(PYTEST_ARGS)
+	MEDCLF_REQUIRE_ORTHANC=1 MEDCLF_REQUIRE_VIEWER=1 MEDCLF_REQUIRE_POSTGRES=1 tools/netns-loopback $(PY) -m pytest -n 1 --max-worker-restart 20 $(PYTEST_ARGS)
+	# second pass: the tests that touch the store, on a throwaway PostgreSQL 15 (tests/pg.py)
+	MEDCLF_TEST_STORE=postgresql MEDCLF_REQUIRE_POSTGRES=1 tools/netns-loopback $(PY) -m pytest -n 1 --max-worker-restart 20 $(PG_TESTS)
 
 bench: $(VENV)/.all-installed
 	$(PY) benchmarks/ingest.py
