@@ -112,8 +112,10 @@ def _build(dest: Path) -> None:
         return m
 
     rng = np.random.default_rng(0)
-    rep3 = rng.random((64, SIZE, SIZE, 3), dtype=np.float32)
-    rep1 = rng.random((64, SIZE, SIZE, 1), dtype=np.float32)
+    # calibration images of every mean colour (uniform noise alone would average to 0.5 everywhere)
+    rep3 = np.clip(rng.random((64, 1, 1, 3), dtype=np.float32)
+                   + rng.normal(0, 0.05, (64, SIZE, SIZE, 3)).astype(np.float32), 0, 1)
+    rep1 = np.ascontiguousarray(rep3[..., :1])
     k = np.arange(5, dtype=np.float32)
     grade_kernel = np.zeros((3, 5), np.float32)
     grade_kernel[0] = 80.0 * k
