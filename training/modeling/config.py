@@ -56,6 +56,13 @@ class ModelConfig(BaseModel):
         "objects such as nodules (the strongest position decides, as in multiple-instance learning).",
     )
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output layer.")
+    head: Literal["binary", "softmax", "ordinal", "multilabel"] = Field(
+        "binary",
+        description="Output layer: 'binary' one sigmoid (P(finding)); 'softmax' one probability per class; 'ordinal' "
+        "one score through ordered cut-points to per-class probabilities (cumulative link, for graded scales such as "
+        "DR 0-4); 'multilabel' one independent sigmoid per finding.",
+    )
+    classes: int = Field(1, ge=1, description="Classes (softmax, ordinal) or findings (multilabel); 1 for binary.")
 
     @field_validator("family")
     @classmethod
@@ -65,6 +72,10 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.head == "binary" and self.classes != 1:
+            raise ValueError("model.classes must be 1 for head 'binary'")
+        if self.head in ("softmax", "ordinal") and self.classes < (3 if self.head == "ordinal" else 2):
+            raise ValueError(f"model.head {self.head!r} needs classes >= {3 if self.head == 'ordinal' else 2}")
         if self.weights is not None and self.family != "efficientnet":
             raise ValueError("model.weights is only supported for family 'efficientnet'")
         return self
