@@ -93,3 +93,24 @@ def test_ordinal_head_gives_ordered_probabilities_and_exports_int8() -> None:
     q = LiteRTRuntime(path, threads=1).predict(x)
     assert q.shape == (8, 5) and np.allclose(q.sum(1), 1.0, atol=1e-4) and np.abs(q - p).max() < 0.1
     keras.backend.clear_session()
+
+
+def test_efficientnet_transfer_family_takes_an_image_spec_and_ordinal_head(tmp_path: Path) -> None:
+    """The EfficientNet alternative: weights only from a local file (no download), same ordinal head."""
+    pytest.importorskip("tensorflow")
+    from medclf_node.preprocess import PreprocessSpec
+    from training.modeling.config import ModelConfig
+    from training.modeling.factory import build_model
+    from training.tfenv import keras
+
+    spec = PreprocessSpec(mode="image", input_shape=(32, 32), color="rgb", normalization="unit")
+    model = build_model(ModelConfig(family="efficientnet", head="ordinal", classes=5), spec)
+    assert model.output_shape == (None, 5)
+    path = tmp_path / "b0.weights.h5"
+    model.save_weights(str(path))
+    again = build_model(ModelConfig(family="efficientnet", head="ordinal", classes=5, weights=path), spec)
+    w0, w1 = model.get_layer("stem_conv").get_weights()[0], again.get_layer("stem_conv").get_weights()[0]
+    np.testing.assert_array_equal(w0, w1)
+    with pytest.raises(FileNotFoundError):
+        build_model(ModelConfig(family="efficientnet", weights=tmp_path / "missing.h5"), spec)
+    keras.backend.clear_session()

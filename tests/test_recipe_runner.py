@@ -101,3 +101,12 @@ def test_shipped_recipes_are_configurations_on_the_runner() -> None:
         assert set(recipe.sizes) == {"full", "tiny"}
         assert not recipe.stage("data").persist  # rendered from seeds, recomputed on resume
         assert recipe.stage("evidence").needs == () and recipe.stage("card").needs == ()  # run alone on shipped models
+
+
+def test_rerun_runs_a_recorded_stage_again_and_later_stages_see_it(tmp_path: Path) -> None:
+    calls: list[str] = []
+    run_recipe(RecipeRun(_toy(calls), tmp_path / "o", tmp_path / "w"))
+    calls.clear()
+    run = run_recipe(RecipeRun(_toy(calls), tmp_path / "o", tmp_path / "w"), resume=True, rerun=["evaluate", "card"])
+    assert calls == ["data", "evaluate", "card"]  # train stays recorded; data recomputed for evaluate
+    assert run.results["card"] == {"card": "score 12"}

@@ -92,7 +92,7 @@ def graded_report(y_true: npt.ArrayLike, probs: npt.ArrayLike, *, decoding: str 
     ref_s = p[:, referable_from:].sum(axis=1)
     rng = np.random.default_rng(seed)
     kappas, aucs = [], []
-    for _ in range(n_boot):
+    for _ in range(n_boot):  # n_boot = 0: point estimates only (CIs NaN)
         idx = rng.integers(0, len(y), len(y))
         kappas.append(quadratic_weighted_kappa(y[idx], pred[idx], k))
         aucs.append(roc_auc(ref_y[idx], ref_s[idx]) if 0 < ref_y[idx].sum() < len(idx) else float("nan"))
@@ -101,6 +101,7 @@ def graded_report(y_true: npt.ArrayLike, probs: npt.ArrayLike, *, decoding: str 
         "decoding": decoding,
         "qwk": quadratic_weighted_kappa(y, pred, k),
         "qwk_ci95": list(bootstrap_ci(kappas)),
+        "qwk_argmax_decoding": quadratic_weighted_kappa(y, decode(p, "argmax"), k),
         "qwk_expected_decoding": quadratic_weighted_kappa(y, decode(p, "expected"), k),
         "accuracy": float((pred == y).mean()),
         "per_class": per_class_rates(y, pred, k),

@@ -85,6 +85,8 @@ def build_manifest(
         "provenance": provenance.model_dump(mode="json"),
         "training_package_version": package_version(),
     }
+    if preprocessing.mode == "image":  # schema 2: one 2D image per instance
+        data["input"]["kind"] = "image"
     if sliding_window is not None:
         data["sliding_window"] = sliding_window.model_dump(mode="json")
     data.update(extra or {})

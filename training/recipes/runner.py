@@ -155,14 +155,17 @@ def _as_recorded(value: Any) -> Any:
 
 
 def run_recipe(run: RecipeRun, *, only: Sequence[str] | None = None, skip: Sequence[str] = (),
-               resume: bool = False) -> RecipeRun:
-    """Run ``run.recipe``'s stages in order (see module docstring); returns ``run`` with its results."""
+               resume: bool = False, rerun: Sequence[str] = ()) -> RecipeRun:
+    """Run ``run.recipe``'s stages in order (see module docstring); returns ``run`` with its results.
+
+    ``rerun``: with ``resume``, run these stages again although recorded (e.g. evaluation after a
+    change to it, without retraining); the stages after them see the new results."""
     recipe = run.recipe
-    for name in [*(only or ()), *skip]:
+    for name in [*(only or ()), *skip, *rerun]:
         recipe.stage(name)  # refuses an unknown name with the list of stages
     selected = [n for n in recipe.stage_names if (only is None or n in only) and n not in skip]
     state = _load_state(run) if resume else {}
-    done: dict[str, Any] = dict(state.get("done", {}))
+    done: dict[str, Any] = {k: v for k, v in state.get("done", {}).items() if k not in rerun}
     run.seconds.update(state.get("seconds", {}))
     run.results.update({k: v for k, v in done.items() if k in recipe.stage_names})
     if not resume and _state_path(run).exists():
@@ -175,7 +178,7 @@ def run_recipe(run: RecipeRun, *, only: Sequence[str] | None = None, skip: Seque
         if name in done:
             run.results[name] = done[name]
         elif not stage.persist:
-            log.info("%s: recomputing stage %s (needed by %s)", recipe.name, name, wanted_by)
+            log.info("%s: computing unrecorded stage %s (needed by %s)", recipe.name, name, wanted_by)
             execute(stage)
         else:
             raise RecipeError(f"recipe {recipe.name}: stage {wanted_by!r} needs the results of {name!r}, which has "
