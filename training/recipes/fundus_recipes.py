@@ -502,6 +502,7 @@ def stage_card(run: RecipeRun) -> None:
         "recipe_size": run.size_name, "command": run.command, "size": asdict(size),
         "spec": spec_for(size).model_dump(mode="json"), "seed_bases": SEED_BASES, "seed_offset": run.seed_offset,
         "training": run.get("train"), "export": run.get("export"), "evaluation": ev, "node_parity": par,
+        "notes": list(run.recipe.settings.get("card_notes", ())),
         "latency": run.get("latency"), "artifact_bytes": artifact_bytes(run.model_dir, [a.path for a in man.artifacts]),
         "stages": dict(run.seconds),
     }
@@ -520,8 +521,13 @@ def _stages() -> tuple[Stage, ...]:
     )
 
 
-DR_RECIPE = RecipeConfig(name="dr-grade-int8", version="1.0.0", description=DR_TASK.description,
-                         sizes={"full": FULL, "tiny": TINY}, stages=_stages(), settings={"task": DR_TASK})
+DR_RECIPE = RecipeConfig(
+    name="dr-grade-int8", version="1.0.0", description=DR_TASK.description, sizes={"full": FULL, "tiny": TINY},
+    stages=_stages(), settings={"task": DR_TASK, "card_notes": (
+        "The first full run (same weights) served argmax and reported both decodings on the test split; the rule "
+        "'decoding with the higher validation kappa' was added after that, so the test split has been seen once "
+        "before the decoding was fixed (validation alone picks the same decoding).",
+    )})
 FINDINGS_RECIPE = RecipeConfig(name="fundus-findings", version="0.1.0", description=FINDINGS_TASK.description,
                                sizes={"full": FULL, "tiny": TINY}, stages=_stages(), settings={"task": FINDINGS_TASK})
 RECIPES = {"dr-grade": DR_RECIPE, "fundus-findings": FINDINGS_RECIPE}

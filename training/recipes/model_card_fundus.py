@@ -161,7 +161,7 @@ patient and splits use disjoint seed ranges.
 - Lesions are drawn larger than true scale so that the {res}-pixel input shows them; microaneurysms (grade 1)
   are the hardest grade here and in practice.
 - Macular oedema is not modelled; the grade is the DR severity level only.
-
+{''.join(f"- {n}" + chr(10) for n in report.get('notes', []))}
 ## Reproduce
 
 ```
