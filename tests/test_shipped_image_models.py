@@ -79,3 +79,21 @@ def test_serves_without_tensorflow_and_grades_unseen_photographs() -> None:
     truth, pred = zip(*res["pairs"], strict=True)
     # 512-pixel photographs (twice the training size, box-averaged by the node): far better than chance
     assert quadratic_weighted_kappa(truth, pred, 5) > 0.5
+
+
+FINDINGS_DIR = DEFAULT_MODELS_DIR / "fundus-findings"
+
+
+@pytest.mark.skipif(not (FINDINGS_DIR / "manifest.json").exists(), reason="fundus-findings not shipped")
+def test_findings_model_is_multilabel_with_thresholds_from_validation() -> None:
+    man = load_manifest(FINDINGS_DIR)
+    verify_artifacts(man, FINDINGS_DIR)
+    assert man.schema_version == 2 and man.task == "multilabel" and man.input.kind == "image"
+    report = json.loads((FINDINGS_DIR / "evaluation.json").read_text(encoding="utf-8"))
+    assert [f.threshold for f in man.findings] == pytest.approx(report["evaluation"]["thresholds"])
+    card = (FINDINGS_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
+    for f in man.findings:
+        r = report["evaluation"]["model_int8.tflite"]["test"][f.code.meaning]
+        assert f"| {f.code.meaning} | {r['positive']}/{r['n']} | {r['auc']:.3f} (95% CI" in card
+    assert "NOT for clinical use" in card and "trivially separable" in card
+    assert report["node_parity"]["max_abs_diff"] <= 1e-5

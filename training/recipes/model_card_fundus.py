@@ -161,10 +161,8 @@ patient and splits use disjoint seed ranges.
 
 - Synthetic photographs only: real fundus images differ in texture, colour, artefacts, field, lesion
   appearance and grading ambiguity; performance on them is unknown. Do not use clinically.
-- Lesions are drawn larger than true scale so that the {res}-pixel input shows them; microaneurysms (grade 1)
-  are the hardest grade here and in practice.
-- Macular oedema is not modelled; the grade is the DR severity level only.
-{''.join(f"- {n}" + chr(10) for n in report.get('notes', []))}
+- Lesions are drawn larger than true scale so that the {res}-pixel input shows them{'; microaneurysms (grade 1) are the hardest grade here and in practice' if graded else ''}.
+{'- Macular oedema is not modelled; the grade is the DR severity level only.' + chr(10) if graded else ''}{''.join(f"- {n}" + chr(10) for n in report.get('notes', []))}
 ## Reproduce
 
 ```
