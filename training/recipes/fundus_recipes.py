@@ -553,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-offset", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--family", choices=("multiscale2d", "efficientnet"), default="multiscale2d")
+    p.add_argument("--family", choices=("multiscale2d", "efficientnet"), default="multiscale2d",
+                   help="efficientnet (B0): trains, exports, evaluates and checks parity, but its 16 MB fp32 artifact "
+                        "is over the 10 MB model limit, so the card stage refuses to write the record (not shipped).")
     p.add_argument("--weights", type=Path, default=None, help="efficientnet: local backbone weights (.h5) only.")
     p.add_argument("--only", action="append", default=None, metavar="STAGE")
     p.add_argument("--skip", action="append", default=[], metavar="STAGE")
