@@ -166,15 +166,25 @@ def image_from_dataset(ds: Dataset, path: Path, limits: LimitsSection) -> Image2
     return Image2D(np.ascontiguousarray(pixels, dtype=np.float32), ref, photometric, spacing)
 
 
-def read_image(path: Path, limits: LimitsSection) -> Image2D:
-    """Read and decode one spooled instance as a 2D image (see the module docstring)."""
+def read_image_and_header(path: Path, limits: LimitsSection) -> tuple[Image2D, Dataset]:
+    """Read one spooled instance once: the decoded image, and its header (pixel data dropped) for
+    the SR's evidence and the SC's patient/study attributes."""
     try:
         ds = pydicom.dcmread(path, force=True)
+        for _elem in ds.iterall():  # convert every element now (pydicom is lazy; found by fuzzing)
+            pass
     except Exception as exc:  # noqa: BLE001 - untrusted bytes
         raise ImageError("unreadable", f"cannot read {path.name}: {type(exc).__name__}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise ImageError("unreadable", f"{path.name} has no SOP Class/Instance UID")
-    return image_from_dataset(ds, path, limits)
+    image = image_from_dataset(ds, path, limits)
+    del ds.PixelData
+    return image, ds
 
 
-__all__ = ["Image2D", "ImageError", "image_from_dataset", "read_image"]
+def read_image(path: Path, limits: LimitsSection) -> Image2D:
+    """Read and decode one spooled instance as a 2D image (see the module docstring)."""
+    return read_image_and_header(path, limits)[0]
+
+
+__all__ = ["Image2D", "ImageError", "image_from_dataset", "read_image", "read_image_and_header"]
