@@ -49,12 +49,11 @@ OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 def photograph(size: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
     """A fundus-like picture: dark surround, orange disc with a bright optic disc and some red dots.
     (The recipes' synthetic fundus generator is used instead when it is installed.)"""
-    try:
+    try:  # the synthetic fundus generator of the training recipes, when present
         from medclf_node.synthetic import fundus  # type: ignore[attr-defined]
 
-        img = fundus.make_fundus(size=size, grade=int(rng.integers(5)), seed=int(rng.integers(1 << 30)))
-        return np.asarray(getattr(img, "rgb", img), dtype=np.uint8)
-    except (ImportError, AttributeError, TypeError):
+        return np.asarray(fundus.make_fundus(int(rng.integers(1 << 30)), size=size).image, dtype=np.uint8)
+    except ImportError:
         pass
     yy, xx = np.mgrid[:size, :size] / size - 0.5
     r2 = yy**2 + xx**2
