@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from conftest import SENDER_AE, free_port, needs_dcmtk, storescu
 from fixtures_image_models import GRADES, coloured, image_models_dir, op_image  # noqa: F401  (fixture)
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medclf_node.ingest.index import Index
@@ -95,3 +96,38 @@ def test_storescu_fundus_pair_to_graded_sr_and_key_image(
     assert (row.model_name, row.positive, row.key_slice_index) == ("test-dr-grade", True, 1)
     assert row.details["task"] == "multiclass" and [i["class"] for i in row.details["images"]] == [
         GRADES[2].meaning, GRADES[3].meaning]
+
+
+@needs_dcmtk
+def test_a_palette_colour_photograph_fails_its_series_with_a_reason_and_the_node_goes_on(
+    node_factory: Any, image_models_dir: Path, receiver: StoringReceiver, tmp_path: Path  # noqa: F811
+) -> None:
+    node = node_factory(
+        peers=[{"name": "scanner", "ae_title": SENDER_AE, "host": "127.0.0.1", "port": free_port()},
+               {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": receiver.port}],
+        results={"destinations": ["pacs"]},
+        models={"directory": str(image_models_dir)},
+        rules=[{"name": "photos", "models": ["test-dr-grade"], "modality": ["OP"]}],
+        pipeline={"enabled": True},
+        completion={"on_release": True, "quiet_seconds": 30.0},
+    )
+    palette = pydicom.dcmread(get_testdata_file("examples_palette.dcm", download=False))
+    palette.Modality = "OP"  # an ultrasound file relabelled: what matters is its PALETTE COLOR pixels
+    palette.StudyInstanceUID, palette.SeriesInstanceUID = generate_uid(), generate_uid()
+    palette.SOPInstanceUID = palette.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    bad = tmp_path / "palette.dcm"
+    palette.save_as(bad, enforce_file_format=True)
+    assert storescu(node.port, bad).returncode == 0  # stored: decoding is the pipeline's business
+    good_series = generate_uid()
+    good = op_image(tmp_path / "good.dcm", coloured((0.5, 0.3, 0.2), size=64), study_uid=generate_uid(),
+                    series_uid=good_series)
+    assert storescu(node.port, good, extra=["-xy"]).returncode == 0
+    assert receiver.wait_for(lambda r: len(r.of_modality("SR")) == 1, timeout=90), node.log()
+    index = Index(node.data_dir)
+    try:
+        row = index.get_series(str(palette.SeriesInstanceUID))
+        assert row is not None and row.state == "failed" and row.reason_code == "unsupported_photometric"
+        assert row.reason_text is not None and "PALETTE COLOR" in row.reason_text
+        assert index.results(good_series)[0].positive
+    finally:
+        index.close()

@@ -93,6 +93,18 @@ def test_registry_refuses_an_artifact_with_the_wrong_number_of_outputs(image_mod
         load_model(d)
 
 
+def test_registry_refuses_a_multiclass_volume_model_it_cannot_report(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(REPO / "models" / "nodule-2p5d-int8", d)
+    data = json.loads((d / "manifest.json").read_text())
+    code = data["labels"]["finding"]
+    data.update(schema_version=2, task="multiclass", classes=[{"code": code}, {"code": {**code, "value": "2"}}])
+    (d / "manifest.json").write_text(json.dumps(data))
+    assert load_manifest(d).kind == "multiclass"  # a valid manifest...
+    with pytest.raises(ModelLoadError, match="task: 'multiclass' is served for input.kind 'image' only"):
+        load_model(d)  # ...that this node does not serve
+
+
 # --- decoding and preprocessing ------------------------------------------------------------
 
 
