@@ -333,8 +333,14 @@ def test_binary_grey_image_model(image_models_dir: Path, tmp_path: Path) -> None
     _, images, headers = _series(tmp_path, [(0.9, 0.9, 0.9)])
     result = predict_images(model, images)
     assert result.kind == "binary" and result.summary.positive
-    groups = _groups(build_image_sr(headers, result, IDENTITY))
+    sr = build_image_sr(headers, result, IDENTITY)
+    groups = _groups(sr)
     assert len(groups) == 1 and _answer(groups[0]) == ("36222008", "52101004")
+    assert dciodvfy_messages(sr, tmp_path / "sr.dcm") == []
+    grey = Image2D(images[0].pixels.mean(axis=2, keepdims=True), images[0].ref, "MONOCHROME2", None)
+    sc = build_image_sc(pydicom.dcmread(tmp_path / "im0.dcm"), grey, result, IDENTITY)
+    assert sc.PhotometricInterpretation == "RGB" and "Opacity: PRESENT" in sc.ImageComments
+    assert dciodvfy_messages(sc, tmp_path / "sc.dcm") == []
 
 
 # --- routing -------------------------------------------------------------------------------
