@@ -195,6 +195,18 @@ def test_a_lying_jpeg_header_is_refused_before_decoding(tmp_path: Path) -> None:
     assert err.value.code == "codec_mismatch"
 
 
+def test_a_truncated_jpeg_is_a_decode_failure_not_a_crash(tmp_path: Path) -> None:
+    path = op_image(tmp_path / "op.dcm", coloured((0.5, 0.5, 0.5), size=32), study_uid=generate_uid(),
+                    series_uid=generate_uid())
+    ds = pydicom.dcmread(path)
+    frame = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1).__next__()
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageError) as err:
+        read_image(path, LimitsSection())
+    assert err.value.code == "decode_failed"
+
+
 def test_image_input_resizes_reorders_and_normalises() -> None:
     img = np.zeros((100, 50, 3), np.float32)
     img[..., 0] = 1.0  # red
