@@ -93,6 +93,18 @@ def test_registry_refuses_an_artifact_with_the_wrong_number_of_outputs(image_mod
         load_model(d)
 
 
+def test_registry_refuses_a_multiclass_volume_model_it_cannot_report(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(REPO / "models" / "nodule-2p5d-int8", d)
+    data = json.loads((d / "manifest.json").read_text())
+    code = data["labels"]["finding"]
+    data.update(schema_version=2, task="multiclass", classes=[{"code": code}, {"code": {**code, "value": "2"}}])
+    (d / "manifest.json").write_text(json.dumps(data))
+    assert load_manifest(d).kind == "multiclass"  # a valid manifest...
+    with pytest.raises(ModelLoadError, match="task: 'multiclass' is served for input.kind 'image' only"):
+        load_model(d)  # ...that this node does not serve
+
+
 # --- decoding and preprocessing ------------------------------------------------------------
 
 
@@ -181,6 +193,18 @@ def test_a_lying_jpeg_header_is_refused_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as err:
         read_image(path, LimitsSection())
     assert err.value.code == "codec_mismatch"
+
+
+def test_a_truncated_jpeg_is_a_decode_failure_not_a_crash(tmp_path: Path) -> None:
+    path = op_image(tmp_path / "op.dcm", coloured((0.5, 0.5, 0.5), size=32), study_uid=generate_uid(),
+                    series_uid=generate_uid())
+    ds = pydicom.dcmread(path)
+    frame = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1).__next__()
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageError) as err:
+        read_image(path, LimitsSection())
+    assert err.value.code == "decode_failed"
 
 
 def test_image_input_resizes_reorders_and_normalises() -> None:
@@ -321,8 +345,14 @@ def test_binary_grey_image_model(image_models_dir: Path, tmp_path: Path) -> None
     _, images, headers = _series(tmp_path, [(0.9, 0.9, 0.9)])
     result = predict_images(model, images)
     assert result.kind == "binary" and result.summary.positive
-    groups = _groups(build_image_sr(headers, result, IDENTITY))
+    sr = build_image_sr(headers, result, IDENTITY)
+    groups = _groups(sr)
     assert len(groups) == 1 and _answer(groups[0]) == ("36222008", "52101004")
+    assert dciodvfy_messages(sr, tmp_path / "sr.dcm") == []
+    grey = Image2D(images[0].pixels.mean(axis=2, keepdims=True), images[0].ref, "MONOCHROME2", None)
+    sc = build_image_sc(pydicom.dcmread(tmp_path / "im0.dcm"), grey, result, IDENTITY)
+    assert sc.PhotometricInterpretation == "RGB" and "Opacity: PRESENT" in sc.ImageComments
+    assert dciodvfy_messages(sc, tmp_path / "sc.dcm") == []
 
 
 # --- routing -------------------------------------------------------------------------------

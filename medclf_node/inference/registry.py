@@ -60,6 +60,11 @@ def load_model(model_dir: Path, *, threads: int = 2, artifact: str | None = None
         raise ModelLoadError(str(exc)) from None
     except KeyError:
         raise ModelLoadError(f"{model_dir}: artifacts: no artifact with path {artifact!r}") from None
+    if manifest.input.kind == "volume" and manifest.kind != "binary":
+        # the volume path (predict_series, the CT SR/SC) reports one finding; refusing here beats serving
+        # a softmax as if its first unit were P(finding)
+        raise ModelLoadError(f"{model_dir}: task: {manifest.kind!r} is served for input.kind 'image' only; "
+                             "volume models are 'binary' in this version")
     try:
         verify_artifacts(manifest, model_dir, only=art.path)
     except ManifestError as exc:

@@ -21,7 +21,6 @@ decoder allocate gigabytes.
 from __future__ import annotations
 
 import logging
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,7 @@ def _check_codestream(ds: Dataset, path: Path) -> None:
         frames = list(codec_headers.encapsulated_frames(path, [0], 1))
         (_, frame), = frames
         geometry = codec_headers.frame_geometry(frame, ts)
-    except (codec_headers.CodecHeaderError, struct.error, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: a decoder would get no further
         raise ImageError("decode_failed", f"{path.name}: no readable codec header ({scrub(str(exc))})") from exc
     why = codec_headers.disagreement(geometry, _int(ds, "Rows", 0), _int(ds, "Columns", 0),
                                      _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated", 8))
@@ -166,15 +165,25 @@ def image_from_dataset(ds: Dataset, path: Path, limits: LimitsSection) -> Image2
     return Image2D(np.ascontiguousarray(pixels, dtype=np.float32), ref, photometric, spacing)
 
 
-def read_image(path: Path, limits: LimitsSection) -> Image2D:
-    """Read and decode one spooled instance as a 2D image (see the module docstring)."""
+def read_image_and_header(path: Path, limits: LimitsSection) -> tuple[Image2D, Dataset]:
+    """Read one spooled instance once: the decoded image, and its header (pixel data dropped) for
+    the SR's evidence and the SC's patient/study attributes."""
     try:
         ds = pydicom.dcmread(path, force=True)
+        for _elem in ds.iterall():  # convert every element now (pydicom is lazy; found by fuzzing)
+            pass
     except Exception as exc:  # noqa: BLE001 - untrusted bytes
         raise ImageError("unreadable", f"cannot read {path.name}: {type(exc).__name__}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise ImageError("unreadable", f"{path.name} has no SOP Class/Instance UID")
-    return image_from_dataset(ds, path, limits)
+    image = image_from_dataset(ds, path, limits)
+    del ds.PixelData
+    return image, ds
 
 
-__all__ = ["Image2D", "ImageError", "image_from_dataset", "read_image"]
+def read_image(path: Path, limits: LimitsSection) -> Image2D:
+    """Read and decode one spooled instance as a 2D image (see the module docstring)."""
+    return read_image_and_header(path, limits)[0]
+
+
+__all__ = ["Image2D", "ImageError", "image_from_dataset", "read_image", "read_image_and_header"]
