@@ -200,6 +200,18 @@ class RuleSection(_Section):
     series_description_regex: str | None = Field(
         None, description="Python regex searched in SeriesDescription (case-insensitive)."
     )
+    laterality: list[str] = Field(
+        default_factory=list, description="Allowed laterality of each image: ImageLaterality, else the series' "
+        "Laterality; values R, L, B (both), U (unpaired); empty: any (2D studies, e.g. [\"R\", \"L\"] for fundus).",
+    )
+
+    @field_validator("laterality")
+    @classmethod
+    def _laterality(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x.strip().upper() not in ("R", "L", "B", "U")]
+        if bad:
+            raise ValueError(f"laterality values are R, L, B or U, got {bad}")
+        return [x.strip().upper() for x in v]
 
     @field_validator("series_description_regex")
     @classmethod

@@ -7,6 +7,7 @@ these frozen dataclasses, numpy arrays and pydicom Datasets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +81,102 @@ class ModelResult:
     key_slice_index: int
     slice_scores: npt.NDArray[np.float32] | None = None
     heatmap: npt.NDArray[np.float32] | None = None
+    inference_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Image2D:
+    """One decoded image: ``pixels`` (rows, cols, 1 | 3) float32 display values in [0, 1], RGB order."""
+
+    pixels: npt.NDArray[np.float32]
+    ref: SliceRef
+    photometric: str  # as stored (before conversion)
+    pixel_spacing: tuple[float, float] | None  # (row, column) mm, from PixelSpacing or ImagerPixelSpacing
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+    @property
+    def is_colour(self) -> bool:
+        return int(self.pixels.shape[2]) == 3
+
+
+TaskKind = Literal["binary", "multiclass", "multilabel"]
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """A multiclass model's probability for one of its coded classes."""
+
+    code: Code
+    probability: float
+
+
+@dataclass(frozen=True)
+class FindingScore:
+    """One finding of a multilabel (or binary) model: its probability and operating point."""
+
+    code: Code
+    probability: float
+    threshold: float
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """One image model's result on one 2D image, or (``ref`` None) the summary over a series' images.
+
+    multiclass: ``classes`` holds every class probability and ``predicted`` the decoded class
+    (for a summary, the worst grade / most probable class over the images, with the
+    probabilities of the image it came from); binary and multilabel: ``findings``, one per
+    finding (a summary: the highest probability over the images, present when any image has it).
+    ``heatmap`` (rows, cols) in [0, 1] on the image's own pixel grid: the drop in the headline
+    score when a region is hidden.
+    """
+
+    ref: SliceRef | None
+    kind: TaskKind
+    classes: tuple[ClassScore, ...] = ()
+    predicted: int | None = None
+    findings: tuple[FindingScore, ...] = ()
+    positive: bool = False
+    heatmap: npt.NDArray[np.float32] | None = None
+
+    @property
+    def score(self) -> float:
+        """The headline score: P(predicted class), or the highest finding probability."""
+        if self.kind == "multiclass":
+            assert self.predicted is not None
+            return self.classes[self.predicted].probability
+        return max(f.probability for f in self.findings)
+
+    @property
+    def predicted_class(self) -> ClassScore:
+        assert self.predicted is not None, "only a multiclass outcome has a predicted class"
+        return self.classes[self.predicted]
+
+
+@dataclass(frozen=True)
+class ImageModelResult:
+    """What one image model concluded about the 2D images of one series.
+
+    ``images`` in the order evaluated (sorted by SOP Instance UID), ``summary`` over all of them,
+    ``key_image`` the index of the image the summary came from (the SC shows it).
+    ``concept`` is the manifest's ``labels.finding`` (what a multiclass value is the value of).
+    """
+
+    model_name: str
+    model_version: str
+    kind: TaskKind
+    concept: Code
+    ordinal: bool
+    images: tuple[ImageOutcome, ...]
+    summary: ImageOutcome
+    key_image: int
     inference_seconds: float = 0.0
 
 

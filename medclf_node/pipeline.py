@@ -37,14 +37,18 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medclf_node.config import Config
-from medclf_node.domain import ModelResult, NodeIdentity, SliceRef, Volume
+from medclf_node.domain import Image2D, ImageModelResult, ImageOutcome, ModelResult, NodeIdentity, SliceRef, Volume
 from medclf_node.inference.predict import predict_series
+from medclf_node.inference.predict_image import predict_images
 from medclf_node.inference.registry import LoadedModel
+from medclf_node.ingest.image2d import ImageError, read_image_and_header
 from medclf_node.ingest.selection import Header, Selection, Skipped, header_from_dataset, select
 from medclf_node.ingest.spool import write_atomic
 from medclf_node.ingest.volume import VolumeError, assemble_volume
 from medclf_node.redact import scrub
 from medclf_node.reporting import build_sc, build_sr, result_uids, slice_info_from_volume, slice_orientation
+from medclf_node.reporting.sc_image import build_image_sc
+from medclf_node.reporting.sr_image import build_image_sr
 from medclf_node.reporting.uids import Predecessor, ResultVersion, label_version
 from medclf_node.store import ReportRecord, SeriesRow, Store
 from medclf_node.store.leases import LeaseKeeper
@@ -116,6 +120,31 @@ def evidence_sources(volume: Volume, datasets: dict[Path, Dataset]) -> tuple[lis
             order[ref.sop_instance_uid] = len(sources)
             sources.append(by_uid[ref.sop_instance_uid])
     return sources, order
+
+
+def _instance_number(ds: Dataset) -> int:
+    try:
+        return int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def image_result_details(result: ImageModelResult) -> dict[str, object]:
+    """What the index keeps of an image model's result (no patient data: codes, scores, UIDs)."""
+
+    def outcome(o: ImageOutcome) -> dict[str, object]:
+        d: dict[str, object] = {"positive": o.positive}
+        if o.ref is not None:
+            d["sop_instance_uid"] = o.ref.sop_instance_uid
+        if o.kind == "multiclass":
+            d["class"] = o.predicted_class.code.meaning
+            d["probabilities"] = [round(c.probability, 6) for c in o.classes]
+        else:
+            d["findings"] = {f.code.meaning: round(f.probability, 6) for f in o.findings}
+        return d
+
+    return {"task": result.kind, "finding": result.concept.meaning, "summary": outcome(result.summary),
+            "images": [outcome(o) for o in result.images], "key_image": result.key_image}
 
 
 def encode(ds: Dataset) -> bytes:
@@ -212,6 +241,12 @@ class Pipeline:
         if isinstance(choice, Skipped):
             return "skipped", "no_rule", choice.reason, None
         predictors = self._predictors(choice)
+        image_predictors = [(n, p) for n, p in predictors if p.manifest.input.kind == "image"]
+        if image_predictors:
+            self._run_images(row, choice, image_predictors, timings)
+        predictors = [(n, p) for n, p in predictors if p.manifest.input.kind != "image"]
+        if not predictors:
+            return "reported", None, None, choice.rule
         t = time.perf_counter()
         try:
             volume = assemble_volume(list(choice.paths), self.cfg.volume, limits=self.cfg.limits)
@@ -243,6 +278,48 @@ class Pipeline:
                 },
             )
         return "reported", None, None, choice.rule
+
+    def _run_images(self, row: SeriesRow, choice: Selection, predictors: list[tuple[str, LoadedModel]],
+                    timings: dict[str, float]) -> None:
+        """Image models: each selected instance is one 2D image, scored on its own and summarised."""
+        t = time.perf_counter()
+        images: list[Image2D] = []
+        headers: list[Dataset] = []
+        for path in choice.paths:
+            try:
+                image, header = read_image_and_header(path, self.cfg.limits)
+            except ImageError as exc:
+                raise StageError(exc.code, exc.message) from exc
+            images.append(image)
+            headers.append(header)
+        order = sorted(range(len(images)), key=lambda i: (_instance_number(headers[i]), images[i].ref.sop_instance_uid))
+        images, headers = [images[i] for i in order], [headers[i] for i in order]
+        timings["images"] = round(time.perf_counter() - t, 3)
+        for name, predictor in predictors:
+            t = time.perf_counter()
+            result = predict_images(predictor, images)
+            timings[f"inference:{name}"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            objects: list[tuple[Literal["SR", "SC"], Dataset, ResultVersion]] = []
+            if self.cfg.results.send_sr:
+                v = self._version(row, result, "SR")
+                objects.append(("SR", build_image_sr(headers, result, self.identity, version=v,
+                                                     series_number=self.cfg.results.sr_series_number), v))
+            if self.cfg.results.send_sc:
+                v = self._version(row, result, "SC")
+                k = result.key_image
+                objects.append(("SC", build_image_sc(headers[k], images[k], result, self.identity,
+                                                     generation=v.generation,
+                                                     series_number=self.cfg.results.sc_series_number), v))
+            self._queue(row, result.model_name, objects)
+            timings[f"report:{name}"] = round(time.perf_counter() - t, 3)
+            summary = result.summary
+            self.store.record_result(
+                row.series_uid, result.model_name, result.model_version, summary.score, summary.positive,
+                generation=row.generation, key_slice_index=result.key_image,
+                timings={"inference": timings[f"inference:{name}"], "report": timings[f"report:{name}"]},
+                details=image_result_details(result),
+            )
 
     def _predictors(self, choice: Selection) -> list[tuple[str, LoadedModel]]:
         out = []
@@ -280,12 +357,16 @@ class Pipeline:
                                 series_number=self.cfg.results.sc_series_number,
                                 slice_info=slice_info_from_volume(volume, result.key_slice_index)), v)
             )
+        self._queue(row, result.model_name, objects)
+
+    def _queue(self, row: SeriesRow, model_name: str, objects: Sequence[tuple[str, Dataset, ResultVersion]]) -> None:
+        """Write result objects durably and queue them for every destination."""
         folder = self.outbox_dir / row.series_uid
         folder.mkdir(parents=True, exist_ok=True)
         for kind, ds, v in objects:
             label_version(ds, v)
             sop_uid = str(ds.SOPInstanceUID)
-            record = ReportRecord(sop_uid, row.series_uid, result.model_name, kind, row.generation, v.number,
+            record = ReportRecord(sop_uid, row.series_uid, model_name, kind, row.generation, v.number,
                                   str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
                                   v.predecessor.sop_instance_uid if v.predecessor else None)
             if not self.store.record_report(record, generation=row.generation):
@@ -299,7 +380,8 @@ class Pipeline:
                 # same UID = same generation = same content: what was sent stays sent
                 self.store.enqueue_outbox(sop_uid, row.series_uid, dest, kind, rel)  # type: ignore[arg-type]
 
-    def _version(self, row: SeriesRow, result: ModelResult, kind: Literal["SR", "SC"]) -> ResultVersion:
+    def _version(self, row: SeriesRow, result: ModelResult | ImageModelResult,
+                 kind: Literal["SR", "SC"]) -> ResultVersion:
         """The version the ``kind`` object of this generation is (the same again on a re-run)."""
         uid = result_uids(row.series_uid, result.model_name, result.model_version,
                           "sr" if kind == "SR" else "sc", generation=row.generation).sop_instance_uid

@@ -29,28 +29,44 @@ class Window(BaseModel):
 
 
 class PreprocessSpec(BaseModel):
-    """How a volume in HU becomes model input.
+    """How a volume in HU, or one 2D image, becomes model input.
 
     ``mode``:
       * ``"2d"``: one slice -> (rows, cols, channels) with channels = windows.
       * ``"2.5d"``: one slice with ``context_slices`` neighbours on each side, one window ->
         channels = 2 * context_slices + 1 (with several windows: slices x windows, slice-major).
       * ``"3d"``: the whole (resampled) volume cropped/padded to ``input_shape`` (z, y, x), channels = windows.
+      * ``"image"``: one 2D image (a photograph or radiograph, already decoded to display values in
+        [0, 1] by the caller, see :func:`image_input`) resized to ``input_shape`` (rows, cols);
+        ``color`` says whether the model takes 3 channels (in ``channel_order``) or 1; windows and
+        spacings do not apply.
     ``target_spacing`` is (slice, row, column) mm; None keeps the source spacing.  For 2D modes
     only the in-plane part is used unless ``resample_z`` is set.
-    ``input_shape`` is (rows, cols) for 2D modes and (slices, rows, cols) for 3D.
+    ``input_shape`` is (rows, cols) for 2D modes and images, (slices, rows, cols) for 3D.
+    Normalisation: ``window01`` (CT: the windowed [0, 1] values), ``zscore`` (per input),
+    ``unit`` (images: display values in [0, 1]), ``mean_std`` (images: (x - mean) / std per channel,
+    on [0, 1] values, e.g. ImageNet statistics).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["2d", "2.5d", "3d"]
-    windows: tuple[Window, ...] = Field(min_length=1)
+    mode: Literal["2d", "2.5d", "3d", "image"]
+    windows: tuple[Window, ...] = Field(default=(), description="HU windows (CT modes; at least one).")
     input_shape: tuple[int, ...]
     target_spacing: tuple[float, float, float] | None = None
     resample_z: bool = False
     context_slices: int = Field(0, ge=0)
-    normalization: Literal["window01", "zscore"] = "window01"
+    normalization: Literal["window01", "zscore", "unit", "mean_std"] = "window01"
     pad_value_hu: float = -1024.0
+    color: Literal["rgb", "grey"] = Field("rgb", description="Image mode: 3-channel or 1-channel model input.")
+    channel_order: Literal["rgb", "bgr"] = Field("rgb", description="Image mode: channel order of an rgb input.")
+    resize: Literal["stretch", "pad"] = Field(
+        "stretch", description="Image mode: 'stretch' to input_shape, or 'pad' (keep the aspect ratio, "
+        "centred, pad with pad_value)."
+    )
+    pad_value: float = Field(0.0, description="Image mode: display value [0, 1] of the padding.")
+    mean: tuple[float, ...] | None = Field(None, description="Image mode, mean_std: per-channel mean.")
+    std: tuple[float, ...] | None = Field(None, description="Image mode, mean_std: per-channel std (> 0).")
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessSpec:
@@ -59,10 +75,39 @@ class PreprocessSpec(BaseModel):
             raise ValueError(f"input_shape must have {want} positive entries for mode {self.mode!r}")
         if self.mode != "2.5d" and self.context_slices:
             raise ValueError("context_slices is only meaningful for mode '2.5d'")
+        if self.mode == "image":
+            self._check_image()
+        else:
+            if not self.windows:
+                raise ValueError(f"windows: mode {self.mode!r} needs at least one HU window")
+            if self.normalization not in ("window01", "zscore"):
+                raise ValueError(f"normalization {self.normalization!r} is for mode 'image' only")
+            if self.mean is not None or self.std is not None:
+                raise ValueError("mean/std are for mode 'image' only")
         return self
+
+    def _check_image(self) -> None:
+        if self.windows:
+            raise ValueError("windows: mode 'image' takes display values, not HU windows")
+        if self.target_spacing is not None or self.resample_z:
+            raise ValueError("target_spacing/resample_z do not apply to mode 'image'")
+        if self.normalization == "window01":
+            raise ValueError("normalization: mode 'image' takes 'unit', 'zscore' or 'mean_std'")
+        n = self.channels
+        if self.normalization == "mean_std":
+            if self.mean is None or self.std is None:
+                raise ValueError("normalization 'mean_std' needs mean and std")
+            if len(self.mean) != n or len(self.std) != n:
+                raise ValueError(f"mean and std need {n} entries (one per channel)")
+            if any(s <= 0 for s in self.std):
+                raise ValueError("std entries must be > 0")
+        elif self.mean is not None or self.std is not None:
+            raise ValueError("mean/std are only used by normalization 'mean_std'")
 
     @property
     def channels(self) -> int:
+        if self.mode == "image":
+            return 3 if self.color == "rgb" else 1
         if self.mode == "2.5d":
             return (2 * self.context_slices + 1) * len(self.windows)
         return len(self.windows)
@@ -262,3 +307,83 @@ def volume_3d(
     arr = crop_or_pad(arr, spec.input_shape, spec.pad_value_hu)
     out = apply_windows(arr, spec.windows)
     return _normalize(out[None], spec.normalization, sample_axes=1)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 2D images (mode "image").  The caller hands display values in [0, 1], (rows, cols, 1 or 3),
+# RGB order, bright = high (``ingest.image2d`` does that for DICOM: YBR -> RGB, MONOCHROME1
+# inverted, VOI window); training hands its synthetic photographs the same way.
+# --------------------------------------------------------------------------------------------
+
+
+def _resize_axis(arr: FloatArray, axis: int, n_out: int) -> FloatArray:
+    """Resize one axis to ``n_out`` samples: box-average first when shrinking by 2x or more
+    (linear interpolation alone aliases a 2000-pixel photograph down to 256), then linear with
+    pixel centres aligned (output pixel i covers input ((i + 0.5) * n_in / n_out - 0.5))."""
+    n_in = arr.shape[axis]
+    if n_in == n_out:
+        return arr
+    k = n_in // n_out
+    if k >= 2:
+        m = (n_in // k) * k
+        start = (n_in - m) // 2
+        sub = np.take(arr, np.arange(start, start + m), axis=axis)
+        shape = list(sub.shape)
+        shape[axis : axis + 1] = [m // k, k]
+        arr = sub.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
+        n_in = arr.shape[axis]
+        if n_in == n_out:
+            return arr
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    return _resample_axis_linear(arr, axis, np.clip(pos, 0.0, n_in - 1))
+
+
+def image_geometry(shape: tuple[int, int], spec: PreprocessSpec) -> tuple[tuple[float, float], tuple[float, float]]:
+    """How a source image's pixel (r, c) maps onto the model input: ((scale_r, scale_c), (off_r, off_c))
+    with model coordinate = (source coordinate + 0.5) * scale - 0.5 - offset (pixel centres)."""
+    rows, cols = spec.input_shape
+    if spec.resize == "stretch":
+        return (rows / shape[0], cols / shape[1]), (0.0, 0.0)
+    s = min(rows / shape[0], cols / shape[1])
+    new = (max(1, round(shape[0] * s)), max(1, round(shape[1] * s)))
+    return (new[0] / shape[0], new[1] / shape[1]), (-float((rows - new[0]) // 2), -float((cols - new[1]) // 2))
+
+
+def image_input(image: npt.NDArray[np.floating[Any]], spec: PreprocessSpec) -> FloatArray:
+    """Model input for mode ``image``: (rows, cols, channels) float32 from display values in [0, 1].
+
+    ``image`` is (rows, cols), (rows, cols, 1) or (rows, cols, 3) RGB.  A grey image fed to an RGB
+    model is replicated to three channels; an RGB image fed to a grey model becomes its luma
+    (ITU-R BT.601 weights).  Then resized (``spec.resize``), reordered and normalised.
+    """
+    if spec.mode != "image":
+        raise ValueError(f"image_input needs an image spec, got mode {spec.mode!r}")
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"expected a (rows, cols[, 1|3]) image, got shape {arr.shape}")
+    if spec.color == "grey" and arr.shape[2] == 3:
+        arr = (arr @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    rows, cols = spec.input_shape
+    if spec.resize == "stretch":
+        out = _resize_axis(_resize_axis(arr, 0, rows), 1, cols)
+    else:
+        (sr, sc), (orr, occ) = image_geometry((arr.shape[0], arr.shape[1]), spec)
+        new_r, new_c = round(arr.shape[0] * sr), round(arr.shape[1] * sc)
+        inner = _resize_axis(_resize_axis(arr, 0, new_r), 1, new_c)
+        out = np.full((rows, cols, arr.shape[2]), spec.pad_value, np.float32)
+        out[int(-orr) : int(-orr) + new_r, int(-occ) : int(-occ) + new_c] = inner
+    if spec.color == "rgb" and out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    if spec.color == "rgb" and spec.channel_order == "bgr":
+        out = out[..., ::-1]
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    if spec.normalization == "mean_std":
+        assert spec.mean is not None and spec.std is not None  # checked by the spec's validator
+        out -= np.asarray(spec.mean, np.float32)
+        out /= np.asarray(spec.std, np.float32)
+        return out
+    if spec.normalization == "zscore":
+        return _normalize(out[None], "zscore", sample_axes=1)[0]
+    return out

@@ -165,3 +165,38 @@ def test_train_step_under_precision(family: str, spec: PreprocessSpec, precision
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_weights, strict=True))
     assert model(x).dtype == tf.float32
     keras.backend.clear_session()
+
+
+def test_unknown_family_is_refused_with_the_known_ones() -> None:
+    """No fallback architecture: an unregistered family fails at config validation and at build time."""
+    from pydantic import ValidationError
+
+    from training.modeling.families import UnknownFamilyError, known_families
+
+    with pytest.raises(ValidationError, match="unknown model family 'densenet2d'; registered families: cnn2d"):
+        ModelConfig(family="densenet2d")
+    unchecked = ModelConfig.model_construct(family="resnet3d")  # e.g. a config built without validation
+    with pytest.raises(UnknownFamilyError, match="registered families: " + ", ".join(known_families())):
+        build_model(unchecked, SPEC_3D)
+    assert {"cnn2d", "multiscale2d", "efficientnet", "cnn3d_cbam", "densenet3d"} <= set(known_families())
+
+
+def test_a_registered_family_is_built_by_its_builder() -> None:
+    from training.modeling.families import register_family, unregister_family
+
+    def tiny_dense(input_shape: tuple[int, ...], cfg: ModelConfig) -> keras.Model:
+        inp = keras.Input(input_shape)
+        out = keras.layers.Dense(1, activation="sigmoid", name="probability")(keras.layers.Flatten()(inp))
+        return keras.Model(inp, out, name="tiny_dense")
+
+    register_family("tiny_dense_test", 2, tiny_dense)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_family("tiny_dense_test", 2, tiny_dense)
+        model = build_model(ModelConfig(family="tiny_dense_test"), SPEC_25D)
+        assert model.name == "tiny_dense" and model.input_shape[1:] == (32, 32, 3)
+        with pytest.raises(ValueError, match="2D but preprocess mode '3d'"):
+            build_model(ModelConfig(family="tiny_dense_test"), SPEC_3D)
+    finally:
+        unregister_family("tiny_dense_test")
+    keras.backend.clear_session()

@@ -18,16 +18,18 @@ from medclf_node.config import DEFAULT_MODELS_DIR, Config
 from medclf_node.inference.manifest import load_manifest, verify_artifacts
 
 MAX_BYTES = 10 * 1024 * 1024
-MODEL_DIRS = sorted(p.parent for p in DEFAULT_MODELS_DIR.glob("*/manifest.json"))
+ALL_MODEL_DIRS = sorted(p.parent for p in DEFAULT_MODELS_DIR.glob("*/manifest.json"))
+#: CT (volume) models; the 2D image models (fundus) are checked by tests/test_shipped_image_models.py
+MODEL_DIRS = [d for d in ALL_MODEL_DIRS if load_manifest(d).input.kind == "volume"]
 DEFAULT_NAME = Config().models.default_model
 
 
 def test_default_model_is_shipped() -> None:
-    names = [load_manifest(d).name for d in MODEL_DIRS]
+    names = [load_manifest(d).name for d in ALL_MODEL_DIRS]
     assert DEFAULT_NAME in names, f"no model named {DEFAULT_NAME!r} under {DEFAULT_MODELS_DIR} (found {names})"
 
 
-@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=[d.name for d in MODEL_DIRS])
+@pytest.mark.parametrize("model_dir", ALL_MODEL_DIRS, ids=[d.name for d in ALL_MODEL_DIRS])
 def test_manifest_valid_and_artifacts_match(model_dir: Path) -> None:
     man = load_manifest(model_dir)
     verify_artifacts(man, model_dir)  # every artifact present with its recorded sha256

@@ -4,6 +4,20 @@ A model directory holds ``manifest.json`` plus its artifacts.  The manifest says
 finds (the codes the SR uses), how its input is built (:class:`PreprocessSpec`), how to read its
 output, how per-slice scores become a series score, which threshold decides "present", and the
 sha256 of every artifact so that a corrupted or swapped file is refused at start-up.
+
+Schema 1 (the shipped CT models) knows one task: ``series_classification``, one finding
+present/absent on a volume.  Schema 2 adds task kinds and input kinds:
+
+* ``task = "binary"``: schema 1's task under its v2 name.
+* ``task = "multiclass"``: a softmax over ``classes`` (each a code the SR reports); with
+  ``ordinal = true`` the classes are grades in order, decoded by ``decoding`` (``argmax`` or
+  ``expected``: the probability-weighted mean grade, rounded) and summarised over a study's images
+  as the worst (highest) grade.  ``positive_classes`` (default: all but the first) decide the
+  index's "positive" flag (e.g. referable DR = grade >= 2).
+* ``task = "multilabel"``: ``findings``, one independent output unit each, each with its own code
+  and threshold; summarised per finding as present when any image has it.
+* ``input.kind = "volume"`` (CT/MR series, as schema 1) or ``"image"`` (one 2D image per instance:
+  DX, CR, MG, OP/XC photographs; ``preprocessing.mode = "image"``).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from medclf_node.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this node reads; 1 is still read and served unchanged
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -64,8 +78,12 @@ class Labels(_Strict):
 
 
 class InputSpec(_Strict):
-    """The model input without the batch axis: (rows, cols, channels) or (slices, rows, cols, channels)."""
+    """The model input without the batch axis: (rows, cols, channels) or (slices, rows, cols, channels).
 
+    ``kind``: ``volume`` (a series assembled into a volume, as schema 1) or ``image`` (each
+    instance is one 2D image, schema 2 only)."""
+
+    kind: Literal["volume", "image"] = "volume"
     shape: tuple[int, ...]
     layout: Literal["NHWC", "NDHWC"]
     dtype: Literal["float32", "int8", "uint8"] = Field(
@@ -91,6 +109,19 @@ class OutputSpec(_Strict):
         "(one unit) or softmax (several units).",
     )
     positive_index: int = Field(0, ge=0, description="Index of the positive class in the last axis.")
+
+
+class ClassSpec(_Strict):
+    """One class of a multiclass model, in output-unit order: the code the SR reports for it."""
+
+    code: CodeSpec
+
+
+class FindingSpec(_Strict):
+    """One finding of a multilabel model, in output-unit order, with its own operating point."""
+
+    code: CodeSpec = Field(description="What is evaluated, e.g. SCT 60046008 \"Pleural effusion\".")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Present when P(finding) >= threshold.")
 
 
 class Aggregation(_Strict):
@@ -145,12 +176,22 @@ class Provenance(_Strict):
 class Manifest(_Strict):
     """Everything the node needs to serve a model; see module docstring."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 1
     name: str = Field(description="Model name used by config rules; 1-64 of A-Z a-z 0-9 . _ -.")
     version: str = Field(min_length=1, max_length=64)
-    task: Literal["series_classification"] = "series_classification"
+    task: Literal["series_classification", "binary", "multiclass", "multilabel"] = "series_classification"
     description: str = ""
-    labels: Labels
+    labels: Labels = Field(description="binary: the finding; multiclass: the concept whose value is the "
+                           "class (e.g. the DR grade); multilabel: the panel the findings belong to.")
+    classes: tuple[ClassSpec, ...] = Field(default=(), description="multiclass: the classes, output order.")
+    ordinal: bool = Field(False, description="multiclass: the classes are grades in increasing order.")
+    decoding: Literal["argmax", "expected"] = Field(
+        "argmax", description="multiclass: argmax, or (ordinal only) the rounded expected grade."
+    )
+    positive_classes: tuple[int, ...] | None = Field(
+        None, description="multiclass: class indices flagged positive in the index (default: all but 0)."
+    )
+    findings: tuple[FindingSpec, ...] = Field(default=(), description="multilabel: the findings, output order.")
     input: InputSpec
     preprocessing: PreprocessSpec
     output: OutputSpec = Field(default_factory=lambda: OutputSpec())
@@ -173,7 +214,10 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
+        self._check_task()
         spec = self.preprocessing
+        if self.input.kind == "image" or spec.mode == "image":
+            return self._check_image_input()
         is_3d = spec.mode == "3d"
         if (self.input.layout == "NDHWC") != is_3d:
             raise ValueError(f"input.layout {self.input.layout} does not fit preprocessing.mode {spec.mode}")
@@ -186,6 +230,59 @@ class Manifest(_Strict):
             raise ValueError("aggregation is required for 2d/2.5d models")
         if not is_3d and self.sliding_window.enabled:
             raise ValueError("sliding_window is only for 3d models")
+        return self._check_artifacts()
+
+    def _check_task(self) -> None:
+        """Task keys for the task kind; each error names the key."""
+        v1 = self.schema_version == 1
+        if v1 and self.task != "series_classification":
+            raise ValueError(f"task {self.task!r} needs schema_version 2")
+        if not v1 and self.task == "series_classification":
+            raise ValueError("task: schema_version 2 spells schema 1's task 'binary'")
+        if v1 and self.input.kind != "volume":
+            raise ValueError("input.kind 'image' needs schema_version 2")
+        multiclass, multilabel = self.task == "multiclass", self.task == "multilabel"
+        if multiclass and len(self.classes) < 2:
+            raise ValueError("classes: a multiclass model needs at least 2 classes")
+        if not multiclass and (self.classes or self.ordinal or self.decoding != "argmax"
+                               or self.positive_classes is not None):
+            raise ValueError("classes/ordinal/decoding/positive_classes are for task 'multiclass' only")
+        if multiclass and self.decoding == "expected" and not self.ordinal:
+            raise ValueError("decoding 'expected' needs ordinal = true (it averages grades)")
+        if multiclass and self.output.positive_index:
+            raise ValueError("output.positive_index is for task 'binary' only")
+        if self.positive_classes is not None:
+            bad = [i for i in self.positive_classes if not 0 <= i < len(self.classes)]
+            if bad:
+                raise ValueError(f"positive_classes {bad} are not class indices 0..{len(self.classes) - 1}")
+        if multilabel and not self.findings:
+            raise ValueError("findings: a multilabel model needs at least 1 finding")
+        if not multilabel and self.findings:
+            raise ValueError("findings are for task 'multilabel' only")
+        if multilabel and self.output.positive_index:
+            raise ValueError("output.positive_index is for task 'binary' only")
+        for key, codes in (("classes", [c.code for c in self.classes]), ("findings", [f.code for f in self.findings])):
+            seen = [(c.scheme, c.value) for c in codes]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"{key}: codes must be unique")
+
+    def _check_image_input(self) -> Manifest:
+        spec = self.preprocessing
+        if self.input.kind != "image" or spec.mode != "image":
+            raise ValueError(f"input.kind {self.input.kind!r} does not fit preprocessing.mode {spec.mode!r} "
+                             "(an image model has input.kind 'image' and preprocessing.mode 'image')")
+        if self.input.layout != "NHWC":
+            raise ValueError("input.layout: an image model takes NHWC")
+        expected = (*spec.input_shape, spec.channels)
+        if tuple(self.input.shape) != expected:
+            raise ValueError(
+                f"input.shape {list(self.input.shape)} differs from the preprocessing output {list(expected)}"
+            )
+        if self.aggregation is not None or self.sliding_window.enabled:
+            raise ValueError("aggregation/sliding_window: an image model scores each image on its own")
+        return self._check_artifacts()
+
+    def _check_artifacts(self) -> Manifest:
         paths = [a.path for a in self.artifacts]
         if len(set(paths)) != len(paths):
             raise ValueError("artifacts: paths must be unique")
@@ -209,6 +306,30 @@ class Manifest(_Strict):
     @property
     def finding(self) -> Code:
         return self.labels.finding.to_code()
+
+    @property
+    def kind(self) -> Literal["binary", "multiclass", "multilabel"]:
+        """The task kind (schema 1's ``series_classification`` is ``binary``)."""
+        return "binary" if self.task in ("series_classification", "binary") else self.task  # type: ignore[return-value]
+
+    @property
+    def output_units(self) -> int | None:
+        """How many output units the model must have (None: binary, 1 or more with positive_index)."""
+        if self.task == "multiclass":
+            return len(self.classes)
+        if self.task == "multilabel":
+            return len(self.findings)
+        return None
+
+    def positive_class_indices(self) -> tuple[int, ...]:
+        """multiclass: the class indices counted positive (default: every class but the first)."""
+        if self.positive_classes is not None:
+            return self.positive_classes
+        return tuple(range(1, len(self.classes)))
+
+
+_V2_KEYS = ("classes", "ordinal", "decoding", "positive_classes", "findings")
+_IMAGE_PREPROCESS_KEYS = ("color", "channel_order", "resize", "pad_value", "mean", "std")
 
 
 def _hash_file(path: Path, h: hashlib._Hash) -> None:
@@ -303,7 +424,15 @@ def write_manifest(manifest: Manifest, model_dir: Path) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     path = model_dir / MANIFEST_FILE
     tmp = path.with_suffix(".json.tmp")
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    data = manifest.model_dump(mode="json")
+    if manifest.schema_version == 1:  # a schema 1 manifest is written as schema 1 knows it
+        for key in _V2_KEYS:
+            data.pop(key, None)
+        data["input"].pop("kind", None)
+    if manifest.preprocessing.mode != "image":
+        for key in _IMAGE_PREPROCESS_KEYS:
+            data["preprocessing"].pop(key, None)
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -90,7 +90,7 @@ class _Geometry:
     """How a source slice's (rows, cols) maps onto the model input's in-plane grid."""
 
     scale: tuple[float, float]  # model-grid pixels per source pixel (source spacing / target spacing)
-    offset: tuple[int, int]  # model coordinate = resampled coordinate - offset (crop > 0, pad < 0)
+    offset: tuple[float, float]  # model coordinate = resampled coordinate - offset (crop > 0, pad < 0)
 
 
 def _n_out(n_in: int, s_in: float, s_out: float | None) -> int:
@@ -147,7 +147,8 @@ def _grid_split(max_passes: int) -> tuple[int, int]:
     return gc, (gf if gf >= 3 else 0)
 
 
-def _occlusion(runtime: Runtime, x: F32, out: OutputSpec, max_passes: int) -> _Occlusion:
+def _occlusion(runtime: Runtime, x: F32, out: OutputSpec, max_passes: int,
+               score: Callable[[F32], F32] | None = None) -> _Occlusion:
     """Two-stage occlusion sensitivity of one input (H, W, C) or (D, H, W, C) over the plane.
 
     A coarse grid of cells finds where the evidence is; its peak alone sits on a cell centre,
@@ -156,7 +157,10 @@ def _occlusion(runtime: Runtime, x: F32, out: OutputSpec, max_passes: int) -> _O
     drop as a function of the patch centre is a bump centred on the finding.  The fine stage
     says *where* inside the hot cell; how much is the coarse cell's drop (a saturating model
     may lose little when only part of the finding is hidden).
+    ``score`` turns raw outputs into the score whose drop is the heat (default: P(positive) per ``out``;
+    image models pass e.g. P(grade >= the predicted grade)).
     """
+    to_score = score or (lambda raw: output_to_probability(raw, out))
     gc, gf = _grid_split(max_passes)
     h, w = x.shape[-3], x.shape[-2]
     gy, gx = min(gc, h), min(gc, w)
@@ -168,7 +172,7 @@ def _occlusion(runtime: Runtime, x: F32, out: OutputSpec, max_passes: int) -> _O
     my_, mx_ = (ys[1:] - ys[:-1]) // 4, (xs[1:] - xs[:-1]) // 4
     boxes = [(max(0, int(ys[i] - my_[i])), int(ys[i + 1] + my_[i]),
               max(0, int(xs[j] - mx_[j])), int(xs[j + 1] + mx_[j])) for i in range(gy) for j in range(gx)]
-    probs = output_to_probability(runtime.predict(_occlude(x, fill, boxes)), out)
+    probs = to_score(runtime.predict(_occlude(x, fill, boxes)))
     drop = np.clip(probs[0] - probs[1:], 0.0, None).reshape(gy, gx)
     # cell heat -> model grid, bilinear between cell centres
     cy = (ys[:-1] + ys[1:] - 1) / 2.0
@@ -199,7 +203,7 @@ def _occlusion(runtime: Runtime, x: F32, out: OutputSpec, max_passes: int) -> _O
         size_y, size_x = max(2, round(pitch_y * frac)), max(2, round(pitch_x * frac))
         y0s, x0s = starts(fy, pitch_y, size_y, h), starts(fx, pitch_x, size_x, w)
         fine_boxes = [(max(0, int(a)), int(a) + size_y, max(0, int(b)), int(b) + size_x) for a in y0s for b in x0s]
-        fprobs = output_to_probability(runtime.predict(_occlude(x, fill, fine_boxes)), out)
+        fprobs = to_score(runtime.predict(_occlude(x, fill, fine_boxes)))
         fine = np.clip(fprobs[0] - fprobs[1:], 0.0, None).reshape(gf, gf).astype(np.float32)
         log.debug("occlusion: coarse %s, fine (patch %d px) %s", np.round(drop, 2).tolist(), size_y,
                   np.round(fine, 2).tolist())

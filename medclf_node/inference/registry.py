@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medclf_node.config import Config, ModelsSection
 from medclf_node.inference.manifest import (
     MANIFEST_FILE,
@@ -58,6 +60,11 @@ def load_model(model_dir: Path, *, threads: int = 2, artifact: str | None = None
         raise ModelLoadError(str(exc)) from None
     except KeyError:
         raise ModelLoadError(f"{model_dir}: artifacts: no artifact with path {artifact!r}") from None
+    if manifest.input.kind == "volume" and manifest.kind != "binary":
+        # the volume path (predict_series, the CT SR/SC) reports one finding; refusing here beats serving
+        # a softmax as if its first unit were P(finding)
+        raise ModelLoadError(f"{model_dir}: task: {manifest.kind!r} is served for input.kind 'image' only; "
+                             "volume models are 'binary' in this version")
     try:
         verify_artifacts(manifest, model_dir, only=art.path)
     except ManifestError as exc:
@@ -77,10 +84,27 @@ def load_model(model_dir: Path, *, threads: int = 2, artifact: str | None = None
             f"{model_dir}: artifacts[{art.path!r}].input_dtype is {art.input_dtype} but the model "
             f"takes {actual_dtype}"
         )
+    _check_outputs(manifest, runtime, Path(model_dir), art.path)
     secs = time.perf_counter() - t0
     log.info("loaded model %s %s from %s (%s, %.2f s incl. warm-up)", manifest.name, manifest.version,
              model_dir, art.path, secs)
     return LoadedModel(manifest, runtime, Path(model_dir), art.path, secs)
+
+
+def _check_outputs(manifest: Manifest, runtime: Runtime, model_dir: Path, art_path: str) -> None:
+    """The artifact's output units fit the task (one per class / finding; binary: positive_index)."""
+    try:
+        units = int(runtime.predict(np.zeros((1, *runtime.input_shape), np.float32)).reshape(1, -1).shape[1])
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run once must not be served
+        raise ModelLoadError(f"{model_dir}: artifacts[{art_path!r}]: the model does not run: {exc}") from None
+    want = manifest.output_units
+    if want is not None and units != want:
+        key = "classes" if manifest.kind == "multiclass" else "findings"
+        raise ModelLoadError(f"{model_dir}: {key}: the manifest names {want} but the artifact {art_path!r} "
+                             f"has {units} output unit(s)")
+    if want is None and manifest.output.positive_index >= units:
+        raise ModelLoadError(f"{model_dir}: output.positive_index {manifest.output.positive_index} but the "
+                             f"artifact {art_path!r} has {units} output unit(s)")
 
 
 def wanted_model_names(config: Config) -> set[str]:

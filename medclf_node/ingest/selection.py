@@ -10,7 +10,8 @@ Semantics (also in the README's configuration reference):
   are non-image objects (SR, presentation states...) unless ``sop_class_uids`` names their
   class.  The rule's criteria are then checked on **every kept instance**: modality, SOP
   class, ``image_type_includes``, slice thickness range, body part, series description
-  regex, and ``min_slices`` on the number of kept slices (frames of multi-frame objects count).
+  regex, laterality (ImageLaterality, else Laterality: 2D studies such as fundus photographs),
+  and ``min_slices`` on the number of kept slices (frames of multi-frame objects count).
 * Text comparisons are case-insensitive; omitted criteria match anything.
 """
 
@@ -46,6 +47,8 @@ _TAGS = [
     "SeriesDescription",
     "NumberOfFrames",
     "SharedFunctionalGroupsSequence",  # enhanced objects keep SliceThickness in Pixel Measures
+    "ImageLaterality",
+    "Laterality",
 ]
 
 
@@ -70,6 +73,7 @@ class Header:
     body_part_examined: str
     series_description: str
     number_of_frames: int
+    laterality: str = ""  # ImageLaterality, else Laterality (upper case; "" when neither is set)
 
     @property
     def is_image(self) -> bool:
@@ -134,6 +138,7 @@ def header_from_dataset(path: Path, ds: Dataset) -> Header:
         body_part_examined=str(ds.get("BodyPartExamined", "") or "").strip(),
         series_description=str(ds.get("SeriesDescription", "") or ""),
         number_of_frames=max(1, n_frames),
+        laterality=str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper(),
     )
 
 
@@ -149,6 +154,8 @@ _SCAN_TAGS = frozenset(
         0x00180015,  # Body Part Examined
         0x0008103E,  # Series Description
         0x00280008,  # Number of Frames
+        0x00200062,  # Image Laterality
+        0x00200060,  # Laterality
     }
 )
 
@@ -181,6 +188,7 @@ def _header_from_scan(path: Path, scan: ScanResult) -> Header | None:
         body_part_examined=text(0x00180015),
         series_description=v.get(0x0008103E, b"").decode("ascii").strip(" \x00"),
         number_of_frames=max(1, n_frames),
+        laterality=(text(0x00200062) or text(0x00200060)).upper(),
     )
 
 
@@ -228,6 +236,7 @@ def _mismatch(kept: Sequence[Header], rule: RuleSection) -> str | None:
     includes = _upper(rule.image_type_includes)
     parts = _upper(rule.body_part_examined)
     regex = re.compile(rule.series_description_regex, re.IGNORECASE) if rule.series_description_regex else None
+    sides = set(rule.laterality)
     for h in kept:
         if h.modality.upper() not in modalities:
             return f"modality {h.modality or '(none)'} not in {sorted(modalities)}"
@@ -243,6 +252,8 @@ def _mismatch(kept: Sequence[Header], rule: RuleSection) -> str | None:
             return f"BodyPartExamined {h.body_part_examined or '(none)'} not in {sorted(parts)}"
         if regex is not None and not regex.search(h.series_description):
             return f"SeriesDescription {describe(h.series_description)} does not match /{regex.pattern}/"
+        if sides and h.laterality not in sides:
+            return f"laterality {h.laterality or '(none)'} not in {sorted(sides)}"
     n_slices = sum(h.number_of_frames for h in kept)
     if n_slices < rule.min_slices:
         return f"{n_slices} slice(s) < min_slices {rule.min_slices}"
@@ -298,6 +309,8 @@ def _covers(a: RuleSection, b: RuleSection) -> bool:
     ):
         return False
     if a.series_description_regex is not None and a.series_description_regex != b.series_description_regex:
+        return False
+    if a.laterality and not (b.laterality and set(b.laterality) <= set(a.laterality)):
         return False
     return a.min_slices <= b.min_slices
 

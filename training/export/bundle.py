@@ -21,10 +21,8 @@ import numpy.typing as npt
 
 from medclf_node.inference.manifest import (
     Artifact,
-    InputSpec,
     Labels,
     Manifest,
-    OutputSpec,
     Provenance,
     sha256_path,
     write_manifest,
@@ -205,26 +203,21 @@ def export_model(
 def build_manifest(
     cfg: TrainConfig, artifacts: list[Artifact], default_path: str, threshold: float, metrics: dict[str, float]
 ) -> Manifest:
-    """The node's manifest for an export of ``cfg``."""
-    from medclf_node import __version__
+    """The node's manifest for an export of ``cfg`` (through the one builder, training.export.manifest_builder)."""
+    from training.export.manifest_builder import build_manifest as build
 
     spec = cfg.preprocess
-    default = next(a for a in artifacts if a.path == default_path)
-    return Manifest(
+    return build(
         name=cfg.name,
         version=cfg.version,
         description=f"{cfg.model.family} {spec.mode} classifier of {cfg.export.finding.meaning}",
         labels=Labels(finding=cfg.export.finding),
-        input=InputSpec(shape=(*spec.input_shape, spec.channels), layout="NDHWC" if spec.mode == "3d" else "NHWC",
-                        dtype=default.input_dtype),
         preprocessing=spec,
-        output=OutputSpec(kind="probability", positive_index=0),
-        aggregation=None if spec.mode == "3d" else cfg.evaluate.aggregation,
-        threshold=float(np.clip(threshold, 0.0, 1.0)),
-        metrics={k: float(v) for k, v in metrics.items() if np.isfinite(v)},
-        artifacts=tuple(artifacts),
+        artifacts=artifacts,
         default_artifact=default_path,
+        threshold=threshold,
+        metrics=metrics,
+        aggregation=None if spec.mode == "3d" else cfg.evaluate.aggregation,
         provenance=Provenance(dataset=cfg.export.dataset_description, seed=cfg.fit.seed,
                               command=shlex.join(sys.argv)),
-        training_package_version=__version__,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from training.modeling.common import classification_head, conv_bn_relu, global_pool, layers, num_stages
+from training.modeling.common import conv_bn_relu, global_pool, layers, model_head, num_stages
 from training.modeling.config import ModelConfig
 from training.tfenv import keras, tf
 
@@ -63,6 +63,6 @@ def build_cnn3d_cbam(input_shape: tuple[int, int, int, int], cfg: ModelConfig) -
         x = conv_bn_relu(x, filters, kernel, 1, f"stage{i}_conv", dims=3)
         x = cbam_block(x, cfg.cbam_reduction, f"stage{i}_cbam")
     x = global_pool(x, cfg.head_pooling, dims=3)
-    outputs = classification_head(x, cfg.dropout)
+    outputs = model_head(x, cfg)
     log.debug("cnn3d_cbam: %d stages for input %s", stages, input_shape)
     return keras.Model(inputs, outputs, name="cnn3d_cbam")

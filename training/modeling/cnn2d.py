@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from training.modeling.common import classification_head, conv_bn_relu, global_pool, num_stages
+from training.modeling.common import conv_bn_relu, global_pool, model_head, num_stages
 from training.modeling.config import ModelConfig
 from training.tfenv import keras
 
@@ -21,6 +21,6 @@ def build_cnn2d(input_shape: tuple[int, int, int], cfg: ModelConfig) -> keras.Mo
         x = conv_bn_relu(x, filters, 3, 2, f"stage{i}_down")
         x = conv_bn_relu(x, filters, 3, 1, f"stage{i}_conv")
     x = global_pool(x, cfg.head_pooling, dims=2)
-    outputs = classification_head(x, cfg.dropout)
+    outputs = model_head(x, cfg)
     log.debug("cnn2d: %d stages for input %s", stages, input_shape)
     return keras.Model(inputs, outputs, name="cnn2d")

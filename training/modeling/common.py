@@ -6,22 +6,39 @@ import logging
 import math
 from collections.abc import Sequence
 
+from training.modeling.config import ModelConfig
 from training.tfenv import keras, tf
 
 log = logging.getLogger(__name__)
 layers = keras.layers
 
 
-def classification_head(x: tf.Tensor, dropout: float, name: str = "head") -> tf.Tensor:
-    """Dropout + one sigmoid unit, computed in float32 even under a mixed-precision policy.
+def classification_head(x: tf.Tensor, dropout: float, name: str = "head", *, kind: str = "binary",
+                        classes: int = 1) -> tf.Tensor:
+    """Dropout + the output layer, computed in float32 even under a mixed-precision policy.
 
-    A float32 output keeps the loss and probabilities numerically sane with bf16/fp16 bodies and
-    gives the exported models a float32 output tensor.
+    ``kind``: ``binary`` one sigmoid unit; ``multilabel`` ``classes`` independent sigmoid units;
+    ``softmax`` ``classes`` softmax units; ``ordinal`` one score through ordered cut-points to
+    ``classes`` probabilities (cumulative-link, :mod:`training.modeling.ordinal`).  A float32 output
+    keeps the loss and probabilities numerically sane with bf16/fp16 bodies and gives the exported
+    models a float32 output tensor.
     """
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
-    x = layers.Dense(1, name=f"{name}_logit", dtype="float32")(x)
-    return layers.Activation("sigmoid", name="probability", dtype="float32")(x)
+    if kind == "ordinal":
+        from training.modeling.ordinal import OrdinalProbabilities
+
+        score = layers.Dense(1, name=f"{name}_logit", dtype="float32")(x)
+        return OrdinalProbabilities(classes, name="probability", dtype="float32")(score)
+    units = 1 if kind == "binary" else classes
+    x = layers.Dense(units, name=f"{name}_logit", dtype="float32")(x)
+    act = "softmax" if kind == "softmax" else "sigmoid"
+    return layers.Activation(act, name="probability", dtype="float32")(x)
+
+
+def model_head(x: tf.Tensor, cfg: ModelConfig) -> tf.Tensor:
+    """:func:`classification_head` as ``cfg`` (``head``, ``classes``, ``dropout``) asks."""
+    return classification_head(x, cfg.dropout, kind=cfg.head, classes=cfg.classes)
 
 
 def global_pool(x: tf.Tensor, pooling: str, dims: int, name: str = "gap") -> tf.Tensor:

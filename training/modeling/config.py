@@ -9,17 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelFamily = Literal["efficientnet", "cnn2d", "multiscale2d", "cnn3d_cbam", "densenet3d"]
+from training.modeling.families import get_family
 
-FAMILY_DIMS: dict[str, int] = {
-    "efficientnet": 2,
-    "cnn2d": 2,
-    "multiscale2d": 2,
-    "cnn3d_cbam": 3,
-    "densenet3d": 3,
-}
+#: A registered family name (training.modeling.families); validated against the registry, not a fixed list.
+ModelFamily = str
 
 
 class ModelConfig(BaseModel):
@@ -27,7 +22,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    family: ModelFamily = Field("cnn2d", description="Architecture family.")
+    family: ModelFamily = Field("cnn2d", description="Architecture family: a name registered in "
+                                "training.modeling.families (an unknown one is refused with the known list).")
     efficientnet_variant: Literal["B0", "B1", "B2", "B3"] = Field(
         "B0", description="EfficientNet size (family 'efficientnet' only)."
     )
@@ -60,9 +56,26 @@ class ModelConfig(BaseModel):
         "objects such as nodules (the strongest position decides, as in multiple-instance learning).",
     )
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout before the output layer.")
+    head: Literal["binary", "softmax", "ordinal", "multilabel"] = Field(
+        "binary",
+        description="Output layer: 'binary' one sigmoid (P(finding)); 'softmax' one probability per class; 'ordinal' "
+        "one score through ordered cut-points to per-class probabilities (cumulative link, for graded scales such as "
+        "DR 0-4); 'multilabel' one independent sigmoid per finding.",
+    )
+    classes: int = Field(1, ge=1, description="Classes (softmax, ordinal) or findings (multilabel); 1 for binary.")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        get_family(v)  # UnknownFamilyError (a ValueError) lists the registered families
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.head == "binary" and self.classes != 1:
+            raise ValueError("model.classes must be 1 for head 'binary'")
+        if self.head in ("softmax", "ordinal") and self.classes < (3 if self.head == "ordinal" else 2):
+            raise ValueError(f"model.head {self.head!r} needs classes >= {3 if self.head == 'ordinal' else 2}")
         if self.weights is not None and self.family != "efficientnet":
             raise ValueError("model.weights is only supported for family 'efficientnet'")
         return self
@@ -70,4 +83,4 @@ class ModelConfig(BaseModel):
     @property
     def dims(self) -> int:
         """2 for slice classifiers, 3 for volume classifiers."""
-        return FAMILY_DIMS[self.family]
+        return get_family(self.family).dims

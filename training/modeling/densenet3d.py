@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from training.modeling.common import classification_head, global_pool, layers
+from training.modeling.common import global_pool, layers, model_head
 from training.modeling.config import ModelConfig
 from training.tfenv import keras, tf
 
@@ -51,5 +51,5 @@ def build_densenet3d(input_shape: tuple[int, int, int, int], cfg: ModelConfig) -
             x = _transition(x, cfg.compression, f"transition{b}")
     x = _bn_relu(x, "final")
     x = global_pool(x, cfg.head_pooling, dims=3)
-    outputs = classification_head(x, cfg.dropout)
+    outputs = model_head(x, cfg)
     return keras.Model(inputs, outputs, name="densenet3d")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from training.modeling.common import classification_head
+from training.modeling.common import model_head
 from training.modeling.config import ModelConfig
 from training.tfenv import keras
 
@@ -41,7 +41,7 @@ def build_efficientnet(input_shape: tuple[int, int, int], cfg: ModelConfig) -> k
     _unit_input_scale(backbone)
     if cfg.weights is not None:
         _load_local_weights(backbone, cfg.weights)
-    outputs = classification_head(backbone.output, cfg.dropout)
+    outputs = model_head(backbone.output, cfg)
     return keras.Model(inputs, outputs, name=f"efficientnet{cfg.efficientnet_variant.lower()}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from training.modeling.common import classification_head, conv_bn_relu, global_pool, layers, num_stages
+from training.modeling.common import conv_bn_relu, global_pool, layers, model_head, num_stages
 from training.modeling.config import ModelConfig
 from training.tfenv import keras
 
@@ -36,5 +36,5 @@ def build_multiscale2d(input_shape: tuple[int, int, int], cfg: ModelConfig) -> k
     x = layers.Concatenate(name="fuse_concat")([full, half])
     x = conv_bn_relu(x, cfg.base_filters * 2**stages, 1, 1, "fuse")
     x = global_pool(x, cfg.head_pooling, dims=2)
-    outputs = classification_head(x, cfg.dropout)
+    outputs = model_head(x, cfg)
     return keras.Model(inputs, outputs, name="multiscale2d")

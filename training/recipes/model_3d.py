@@ -25,7 +25,6 @@ evaluate, card) in a few minutes.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ import numpy.typing as npt
 
 from medclf_node.inference.manifest import (
     Artifact,
-    InputSpec,
     Labels,
     Manifest,
     OutputSpec,
@@ -45,6 +43,9 @@ from medclf_node.inference.manifest import (
     write_manifest,
 )
 from medclf_node.preprocess import PreprocessSpec, Window, resample, volume_3d
+from training.export.manifest_builder import build_manifest, update_manifest
+from training.recipes.evidence_stage import card_from_disk, run_evidence_stage
+from training.recipes.node_checks import node_latency, node_parity, recalibrate_batchnorm
 from training.recipes.phantom_sets import RecipeSize, SplitPlan, parallel_map, phantom_for
 from training.recipes.recipe_output import (
     REPORT_FILE,
@@ -52,6 +53,7 @@ from training.recipes.recipe_output import (
     split_summaries,
     write_evaluation,
 )
+from training.recipes.runner import RecipeConfig, RecipeRun, Stage
 from training.recipes.series_eval import EvalSeries
 
 log = logging.getLogger(__name__)
@@ -239,56 +241,6 @@ def _evaluate(val: list[EvalSeries], vs: list[float], test: list[EvalSeries], ts
     }
 
 
-def _latency(model_dir: Path, size: RecipeSize, seed_offset: int, threads: int) -> dict[str, Any]:
-    """Per-series CPU latency of the node's predictor for each artifact (preprocessing included)."""
-    from medclf_node.inference.predict import predict_series
-    from medclf_node.inference.registry import load_model
-    from medclf_node.synthetic.phantoms import make_phantom
-
-    seed = SEED_BASES["latency"] + seed_offset
-    ph = make_phantom(seed, shape=size.latency_shape, nodules=1)
-    es = EvalSeries(ph.patient_id, seed, ph.label, np.rint(ph.hu).astype(np.int16), ph.spacing,
-                    np.zeros(1, np.uint8), np.zeros(1, bool))
-    vol = es.volume()
-    n_windows = len(series_windows(es))
-    out: dict[str, Any] = {"series_shape": list(size.latency_shape), "series_spacing_mm": list(ph.spacing),
-                           "threads": threads, "repeats": size.latency_repeats, "windows": n_windows}
-    for art in (FP16_FILE, SAVED_MODEL_DIR):
-        loaded = load_model(model_dir, threads=threads, artifact=art)
-        times, times_heat = [], []
-        prob = float("nan")
-        for _ in range(size.latency_repeats):
-            t0 = time.perf_counter()
-            prob = predict_series(loaded, vol, heatmap=False).probability
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            predict_series(loaded, vol, heatmap=True)
-            times_heat.append(time.perf_counter() - t0)
-        x = np.random.default_rng(0).random((n_windows, *loaded.manifest.input.shape), dtype=np.float32)
-        t0 = time.perf_counter()
-        loaded.runtime.predict(x)
-        out[art] = {"series_seconds_median": float(np.median(times)),
-                    "series_seconds_with_heatmap_median": float(np.median(times_heat)),
-                    "model_only_seconds": time.perf_counter() - t0, "model_inputs": n_windows,
-                    "load_seconds": loaded.load_seconds, "probability_nodule_phantom": prob}
-        log.info("latency %s: %.3f s/series", art, out[art]["series_seconds_median"])
-    return out
-
-
-def _node_parity(model_dir: Path, series: list[EvalSeries], probs: list[float]) -> dict[str, float]:
-    """The node's registry + predictor (default artifact) must reproduce the recipe's series scores."""
-    from medclf_node.inference.predict import predict_series
-    from medclf_node.inference.registry import load_model
-
-    loaded = load_model(model_dir, threads=1)
-    diffs = [abs(predict_series(loaded, s.volume(), heatmap=False).probability - p)
-             for s, p in zip(series, probs, strict=True)]
-    worst = float(max(diffs))
-    if worst > 1e-5:
-        raise RuntimeError(f"node predictor differs from the recipe's scoring by {worst:.2e}")
-    return {"series": len(series), "max_abs_diff": worst}
-
-
 def _augmented(split: Any, seed: int) -> Any:
     """The split repeated forever, each window mirrored left-right / contrast-jittered anew on every pass."""
     from training.data.augment import AugmentConfig, augment
@@ -306,120 +258,145 @@ def _augmented(split: Any, seed: int) -> Any:
 
 def _manifest(artifacts: list[Artifact], threshold: float, metrics: dict[str, float], command: str,
               seed_offset: int, size_name: str) -> Manifest:
-    return Manifest(
+    """The recipe's manifest, through the one builder (training.export.manifest_builder)."""
+    return build_manifest(
         name=MODEL_NAME,
         version=MODEL_VERSION,
         description=("3D CNN with CBAM attention for pulmonary nodules on sliding 3D windows, trained on synthetic "
                      "CT phantoms. DEMONSTRATION ONLY - not for clinical use."),
         labels=Labels.model_validate(
             {"finding": {"value": "427359005", "scheme": "SCT", "meaning": "Pulmonary nodule"}}),
-        input=InputSpec(shape=(*SPEC.input_shape, SPEC.channels), layout="NDHWC", dtype="float32"),
         preprocessing=SPEC,
         output=OutputSpec(kind="probability", positive_index=0),
         aggregation=None,
         sliding_window=SlidingWindow(enabled=True, stride=WINDOW_STRIDE),
         threshold=threshold,
         metrics=metrics,
-        artifacts=tuple(artifacts),
+        artifacts=artifacts,
         default_artifact=FP16_FILE,
         provenance=Provenance(
             dataset="synthetic chest CT phantoms (medclf_node.synthetic.phantoms), nodule present/absent per series",
             seed=seed_offset, command=command, notes=f"recipe size {size_name}; split seed ranges in {REPORT_FILE}"),
-        training_package_version=MODEL_VERSION,
     )
 
 
-def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offset: int = 0,
-                  workers: int = 1, threads: int = 1, command: str = "") -> Path:
-    """Build ``out_root/nodule-3d-cbam`` end to end; returns the model directory."""
-    t_start = time.perf_counter()
-    size = TINY_3D if tiny else FULL_3D
-    size_name = "tiny" if tiny else "full"
-    plans = {
+def split_plans_3d(size: RecipeSize, seed_offset: int = 0) -> dict[str, SplitPlan]:
+    return {
         "train": SplitPlan("train", SEED_BASES["train"] + seed_offset, size.train, size.train_shapes),
         "val": SplitPlan("val", SEED_BASES["val"] + seed_offset, size.val, size.test_shapes),
         "test": SplitPlan("test", SEED_BASES["test"] + seed_offset, size.test, size.test_shapes),
     }
-    stages: dict[str, float] = {}
 
-    # 1. data (numpy only, before TensorFlow starts its threads)
-    t0 = time.perf_counter()
-    train_set = build_windows(plans["train"], size.negatives_per_series, workers)
-    val_series, val_centres = build_eval(plans["val"], workers)
-    test_series, _ = build_eval(plans["test"], workers)
-    stages["data_seconds"] = time.perf_counter() - t0
-    from training.data.splits import assert_no_leakage
 
-    assert_no_leakage(train=train_set.patient_ids.tolist(), val=[s.patient_id for s in val_series],
-                      test=[s.patient_id for s in test_series])
-
-    # 2. train: val windows of the val series for checkpointing on validation AUC
-    t0 = time.perf_counter()
-    from training.tfenv import tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from training.export.savedmodel import export_saved_model
-    from training.export.tflite import convert
+def train_config_3d(run: RecipeRun) -> Any:
     from training.modeling.config import ModelConfig
-    from training.recipes.default_models import _recalibrate_batchnorm
-    from training.train import Split, fit, load_trained_model
     from training.train_config import DataSection, EvalSection, ExportSection, FitSection, TrainConfig
 
-    cfg = TrainConfig(
-        name=MODEL_NAME, version=MODEL_VERSION, output_dir=work_dir,
+    size: RecipeSize = run.size
+    return TrainConfig(
+        name=MODEL_NAME, version=MODEL_VERSION, output_dir=run.work_dir,
         model=ModelConfig(family="cnn3d_cbam", base_filters=8, max_stages=3, min_feature_size=1, dropout=0.2,
                           head_pooling="max", inplane_stages=1),
         preprocess=SPEC,
         data=DataSection(shuffle_buffer=4096),
         fit=FitSection(epochs=size.epochs, batch_size=size.batch_size, learning_rate=3e-3, warmup_epochs=0.3,
-                       precision="float32", early_stopping_patience=size.epochs, seed=1234 + seed_offset),
+                       precision="float32", early_stopping_patience=size.epochs, seed=1234 + run.seed_offset),
         evaluate=EvalSection(bootstrap=size.bootstrap),
         export=ExportSection(modes=("saved_model", "fp16"), default="fp16"),
     )
-    # Checkpoint on window-level validation AUC (labelled windows of the val series).
-    val_windows = _val_windows(val_series, val_centres)
-    train_split = _augmented(Split.from_arrays(train_set.x, train_set.y, train_set.patient_ids), 77 + seed_offset)
-    result = fit(cfg, train_split, Split.from_arrays(*val_windows), cfg.run_dir)
-    stages["train_seconds"] = time.perf_counter() - t0
 
-    # 3. export SavedModel + fp16 tflite
-    t0 = time.perf_counter()
-    model = load_trained_model(cfg.run_dir)
-    _recalibrate_batchnorm(model, train_set.x, seed_offset, n=256)
-    model_dir = out_root / MODEL_NAME
+
+def _tf_threads(threads: int) -> None:
+    from training.tfenv import tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # already initialised in this process (a resumed stage after another): keep it
+        log.debug("TensorFlow threads already set")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def stage_data_3d(run: RecipeRun) -> dict[str, Any]:
+    """Training windows and the held-out series (numpy only, before TensorFlow starts its threads)."""
+    from training.data.splits import assert_no_leakage
+
+    size: RecipeSize = run.size
+    plans = split_plans_3d(size, run.seed_offset)
+    train_set = build_windows(plans["train"], size.negatives_per_series, run.workers)
+    val_series, val_centres = build_eval(plans["val"], run.workers)
+    test_series, _ = build_eval(plans["test"], run.workers)
+    assert_no_leakage(train=train_set.patient_ids.tolist(), val=[s.patient_id for s in val_series],
+                      test=[s.patient_id for s in test_series])
+    # labelled windows of the val series: checkpointing on window-level validation AUC, and parity samples
+    return {"train": train_set, "val_series": val_series, "test_series": test_series,
+            "val_windows": _val_windows(val_series, val_centres)}
+
+
+def stage_train_3d(run: RecipeRun) -> dict[str, Any]:
+    from training.train import Split, fit
+
+    _tf_threads(run.threads)
+    d = run.get("data")
+    cfg = train_config_3d(run)
+    train_set, val_series, test_series = d["train"], d["val_series"], d["test_series"]
+    train_split = _augmented(Split.from_arrays(train_set.x, train_set.y, train_set.patient_ids), 77 + run.seed_offset)
+    result = fit(cfg, train_split, Split.from_arrays(*d["val_windows"]), cfg.run_dir)
+    data = {"train_windows": train_set.summary(),
+            "val_series": len(val_series), "val_positive": sum(s.label for s in val_series),
+            "test_series": len(test_series), "test_positive": sum(s.label for s in test_series)}
+    return {"run_dir": str(cfg.run_dir), "epochs_run": result.epochs_run, "best_val_auc": result.best_val_auc,
+            "history": result.history, "data": data}
+
+
+def stage_export_3d(run: RecipeRun) -> dict[str, Any]:
+    """SavedModel + fp16 .tflite (after BatchNorm recalibration on training windows)."""
+    from medclf_node.inference.runtime import LiteRTRuntime
+    from training.export.savedmodel import export_saved_model
+    from training.export.tflite import convert
+    from training.train import load_trained_model
+
+    _tf_threads(run.threads)
+    d = run.get("data")
+    model = load_trained_model(Path(run.get("train")["run_dir"]))
+    recalibrate_batchnorm(model, d["train"].x, run.seed_offset, n=256)
+    model_dir = run.model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     export_saved_model(model, model_dir / SAVED_MODEL_DIR)
     (model_dir / FP16_FILE).write_bytes(convert(model, "fp16"))
-    train_summary = train_set.summary()
-    del train_set, train_split
-    stages["export_seconds"] = time.perf_counter() - t0
-
-    # 4. evaluate both artifacts through the node's runtimes at series level
-    t0 = time.perf_counter()
-    from medclf_node.inference.runtime import LiteRTRuntime, TFSavedModelRuntime
-
-    runtimes: dict[str, Any] = {FP16_FILE: LiteRTRuntime(model_dir / FP16_FILE, threads=threads),
-                                SAVED_MODEL_DIR: TFSavedModelRuntime(model_dir / SAVED_MODEL_DIR, threads=threads)}
-    reports: dict[str, Any] = {}
-    for art, rt in runtimes.items():
-        vs = [series_probability(rt.predict, s) for s in val_series]
-        ts = [series_probability(rt.predict, s) for s in test_series]
-        reports[art] = _evaluate(val_series, vs, test_series, ts, size.bootstrap)
-    parity_x = val_windows[0][:32]
+    # the training arrays are not needed after this stage (GBs for the full 3D recipe): drop them
+    run.results["data"] = {k: v for k, v in d.items() if k != "train"}
+    parity_x = d["val_windows"][0][:32]
     keras_p = np.asarray(model.predict(parity_x, verbose=0), np.float32).reshape(-1)
-    fp16_p = runtimes[FP16_FILE].predict(parity_x).reshape(-1)
-    served = reports[FP16_FILE]
-    delta = served["test_series"]["auc"] - reports[SAVED_MODEL_DIR]["test_series"]["auc"]
-    stages["evaluate_seconds"] = time.perf_counter() - t0
-
-    # 5. manifest, node parity on the test series, latency
-    t0 = time.perf_counter()
+    fp16_p = LiteRTRuntime(model_dir / FP16_FILE, threads=run.threads).predict(parity_x).reshape(-1)
     artifacts = [
         Artifact(path=FP16_FILE, format="tflite", precision="fp16", sha256=sha256_path(model_dir / FP16_FILE)),
         Artifact(path=SAVED_MODEL_DIR, format="saved_model", precision="fp32",
                  sha256=sha256_path(model_dir / SAVED_MODEL_DIR)),
     ]
+    return {"artifacts": [a.model_dump(mode="json") for a in artifacts],
+            "keras_vs_fp16_max_abs_diff": float(np.max(np.abs(keras_p - fp16_p)))}
+
+
+def stage_evaluate_3d(run: RecipeRun) -> dict[str, Any]:
+    """Both artifacts at series level through the node's runtimes; threshold on validation; manifest."""
+    from medclf_node.inference.runtime import LiteRTRuntime, TFSavedModelRuntime
+
+    size: RecipeSize = run.size
+    d = run.get("data")
+    val_series, test_series = d["val_series"], d["test_series"]
+    model_dir = run.model_dir
+    runtimes: dict[str, Any] = {FP16_FILE: LiteRTRuntime(model_dir / FP16_FILE, threads=run.threads),
+                                SAVED_MODEL_DIR: TFSavedModelRuntime(model_dir / SAVED_MODEL_DIR, threads=run.threads)}
+    reports: dict[str, Any] = {}
+    for art, rt in runtimes.items():
+        vs = [series_probability(rt.predict, s) for s in val_series]
+        ts = [series_probability(rt.predict, s) for s in test_series]
+        reports[art] = _evaluate(val_series, vs, test_series, ts, size.bootstrap)
+    served = reports[FP16_FILE]
+    delta = served["test_series"]["auc"] - reports[SAVED_MODEL_DIR]["test_series"]["auc"]
     t = served["test_series"]
     metrics = {
         "test_series_auc": float(t["auc"]),
@@ -431,47 +408,112 @@ def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_of
         "saved_model_test_series_auc": float(reports[SAVED_MODEL_DIR]["test_series"]["auc"]),
         "fp16_minus_fp32_test_auc": float(delta),
     }
-    manifest = _manifest(artifacts, float(served["threshold"]), metrics, command, seed_offset, size_name)
+    artifacts = [Artifact.model_validate(a) for a in run.get("export")["artifacts"]]
+    manifest = _manifest(artifacts, float(served["threshold"]), metrics, run.command, run.seed_offset, run.size_name)
     write_manifest(manifest, model_dir)
-    parity = _node_parity(model_dir, test_series, [served["test_scores"][s.patient_id] for s in test_series])
-    latency = _latency(model_dir, size, seed_offset, threads)
-    stages["node_checks_seconds"] = time.perf_counter() - t0
-    metrics["latency_series_seconds_fp16"] = float(latency[FP16_FILE]["series_seconds_median"])
-    metrics["latency_series_seconds_saved_model"] = float(latency[SAVED_MODEL_DIR]["series_seconds_median"])
-    manifest = manifest.model_copy(update={"metrics": metrics})
-    write_manifest(manifest, model_dir)
-    stages["total_seconds"] = time.perf_counter() - t_start
+    return {"reports": reports, "delta": float(delta)}
 
-    # 6. evaluation record + model card
+
+def stage_parity_3d(run: RecipeRun) -> dict[str, float]:
+    served = run.get("evaluate")["reports"][FP16_FILE]
+    series = run.get("data")["test_series"]
+    return node_parity(run.model_dir, [s.volume() for s in series],
+                       [served["test_scores"][s.patient_id] for s in series], threads=1)
+
+
+def stage_latency_3d(run: RecipeRun) -> dict[str, Any]:
+    """Per-series CPU latency of the node's predictor for each artifact (preprocessing included)."""
+    from medclf_node.inference.manifest import load_manifest
+    from medclf_node.synthetic.phantoms import make_phantom
+
+    size: RecipeSize = run.size
+    seed = SEED_BASES["latency"] + run.seed_offset
+    ph = make_phantom(seed, shape=size.latency_shape, nodules=1)
+    es = EvalSeries(ph.patient_id, seed, ph.label, np.rint(ph.hu).astype(np.int16), ph.spacing,
+                    np.zeros(1, np.uint8), np.zeros(1, bool))
+    n_windows = len(series_windows(es))
+    out: dict[str, Any] = {"series_shape": list(size.latency_shape), "series_spacing_mm": list(ph.spacing),
+                           "threads": run.threads, "repeats": size.latency_repeats, "windows": n_windows}
+    out.update(node_latency(run.model_dir, es.volume(), (FP16_FILE, SAVED_MODEL_DIR), threads=run.threads,
+                            repeats=size.latency_repeats, n_inputs=n_windows))
+    manifest = load_manifest(run.model_dir)
+    metrics = {**manifest.metrics,
+               "latency_series_seconds_fp16": float(out[FP16_FILE]["series_seconds_median"]),
+               "latency_series_seconds_saved_model": float(out[SAVED_MODEL_DIR]["series_seconds_median"])}
+    write_manifest(update_manifest(manifest, metrics=metrics), run.model_dir)
+    return out
+
+
+def stage_card_3d(run: RecipeRun) -> None:
+    """evaluation.json + MODEL_CARD.md from this run's stage results (alone: re-rendered from evaluation.json)."""
+    from medclf_node.inference.manifest import load_manifest
     from training.recipes.model_card import render_card_3d
 
+    if "evaluate" not in run.results:
+        card_from_disk(run.model_dir, render_card_3d)
+        return
+    size: RecipeSize = run.size
+    tr, ex, ev = run.get("train"), run.get("export"), run.get("evaluate")
+    cfg = train_config_3d(run)
+    manifest = load_manifest(run.model_dir)
+    served = ev["reports"][FP16_FILE]
     report = {
-        "model": MODEL_NAME, "version": MODEL_VERSION, "recipe_size": size_name, "command": command,
+        "model": MODEL_NAME, "version": MODEL_VERSION, "recipe_size": run.size_name, "command": run.command,
         "spec": SPEC.model_dump(mode="json"), "window": {"depth": WINDOW_DEPTH, "stride": WINDOW_STRIDE,
                                                          "edge_slices": EDGE_SLICES},
         "model_config": cfg.model.model_dump(mode="json"), "fit": cfg.fit.model_dump(mode="json"),
-        "augment": AUGMENT, "size": asdict(size), "threads": threads,
-        "splits": split_summaries(plans),
-        "data": {"train_windows": train_summary,
-                 "val_series": len(val_series), "val_positive": sum(s.label for s in val_series),
-                 "test_series": len(test_series), "test_positive": sum(s.label for s in test_series)},
-        "training": {"epochs_run": result.epochs_run, "best_val_window_auc": result.best_val_auc,
-                     "history": result.history},
+        "augment": AUGMENT, "size": asdict(size), "threads": run.threads,
+        "splits": split_summaries(split_plans_3d(size, run.seed_offset)),
+        "data": tr["data"],
+        "training": {"epochs_run": tr["epochs_run"], "best_val_window_auc": tr["best_val_auc"],
+                     "history": tr["history"]},
         "threshold": float(served["threshold"]),
-        "served": served, "served_artifact": FP16_FILE, "fp16": served, "saved_model": reports[SAVED_MODEL_DIR],
-        "fp16_minus_fp32_test_auc": delta,
-        "keras_vs_fp16_max_abs_diff": float(np.max(np.abs(keras_p - fp16_p))),
-        "node_parity": parity, "latency": latency,
-        "artifact_bytes": artifact_bytes(model_dir, [FP16_FILE, SAVED_MODEL_DIR]),
-        "stages": stages,
+        "served": served, "served_artifact": FP16_FILE, "fp16": served, "saved_model": ev["reports"][SAVED_MODEL_DIR],
+        "fp16_minus_fp32_test_auc": ev["delta"],
+        "keras_vs_fp16_max_abs_diff": ex["keras_vs_fp16_max_abs_diff"],
+        "node_parity": run.get("parity"), "latency": run.get("latency"),
+        "artifact_bytes": artifact_bytes(run.model_dir, [FP16_FILE, SAVED_MODEL_DIR]),
+        "stages": dict(run.seconds),
     }
-    write_evaluation(model_dir, report, render_card_3d(report, manifest))
-    from training.recipes.default_models import evidence_stage
+    write_evaluation(run.model_dir, report, render_card_3d(report, manifest))
+    log.info("wrote %s: test AUC %.4f (fp16), SavedModel %.4f", run.model_dir, manifest.metrics["test_series_auc"],
+             manifest.metrics["saved_model_test_series_auc"])
 
-    evidence_stage(model_dir, kind="3d", tiny=tiny, threads=threads, command=command)
-    log.info("wrote %s in %.0f s: test AUC %.4f (fp16), SavedModel %.4f", model_dir, stages["total_seconds"],
-             metrics["test_series_auc"], metrics["saved_model_test_series_auc"])
-    return model_dir
+
+def stage_evidence_3d(run: RecipeRun) -> None:
+    from training.recipes.model_card import render_card_3d
+
+    run_evidence_stage(run.model_dir, served=FP16_FILE, reference=SAVED_MODEL_DIR, render=render_card_3d,
+                       tiny=run.tiny, threads=run.threads, command=run.command,
+                       baseline_cache=run.options.get("baseline_cache"))
+
+
+RECIPE_3D = RecipeConfig(
+    name=MODEL_NAME,
+    version=MODEL_VERSION,
+    description="3D CNN + CBAM for pulmonary nodules on sliding windows, served as fp16 LiteRT (+ SavedModel)",
+    sizes={"full": FULL_3D, "tiny": TINY_3D},
+    stages=(
+        Stage("data", stage_data_3d, persist=False, description="phantoms -> training windows and held-out series"),
+        Stage("train", stage_train_3d, needs=("data",)),
+        Stage("export", stage_export_3d, needs=("data", "train")),
+        Stage("evaluate", stage_evaluate_3d, needs=("data", "export")),
+        Stage("parity", stage_parity_3d, needs=("data", "evaluate")),
+        Stage("latency", stage_latency_3d, needs=("evaluate",)),
+        Stage("card", stage_card_3d),
+        Stage("evidence", stage_evidence_3d),
+    ),
+)
+
+
+def run_recipe_3d(out_root: Path, work_dir: Path, *, tiny: bool = False, seed_offset: int = 0,
+                  workers: int = 1, threads: int = 1, command: str = "") -> Path:
+    """Build ``out_root/nodule-3d-cbam`` end to end with the recipe runner; returns the model directory."""
+    from training.recipes.runner import run_recipe
+
+    run = RecipeRun(RECIPE_3D, out_root, work_dir, size_name="tiny" if tiny else "full", seed_offset=seed_offset,
+                    workers=workers, threads=threads, command=command)
+    return run_recipe(run).model_dir
 
 
 def _val_windows(series: list[EvalSeries], centres: dict[str, Centres]
@@ -488,4 +530,4 @@ def _val_windows(series: list[EvalSeries], centres: dict[str, Centres]
     return np.concatenate(xs), np.concatenate(ys), np.asarray(ids)
 
 
-__all__ = ["FULL_3D", "SPEC", "TINY_3D", "run_recipe_3d", "window_labels", "window_starts"]
+__all__ = ["FULL_3D", "RECIPE_3D", "SPEC", "TINY_3D", "run_recipe_3d", "window_labels", "window_starts"]
